@@ -1,0 +1,45 @@
+"""Where things are in a cache folder, and loading of the small metadata files.
+
+    cache/
+      manifest.json                 CacheManifest
+      teacher/head.safetensors      teacher head (weight [vocab, d], optional bias)
+      teacher/...                   config, tokenizer files, chat template
+      shards/<writer>-<seq>-<rand>/ committed shards (zarr group + index.json + Parquet)
+      shards/.tmp-<writer>-<rand>/  a shard being written: ignored by readers
+      locks/<writer>.lock           held (flock) while a writer runs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas import INDEX_FILE, SHARDS_DIR, TMP_PREFIX, CacheFormatError, CacheManifest, ShardIndex, read_json
+
+
+def committed_shards(root: Path) -> list[str]:
+    """Names of committed shards, sorted (so grouped by writer, then in commit order)."""
+    shards = Path(root) / SHARDS_DIR
+    if not shards.is_dir():
+        return []
+    return sorted(p.name for p in shards.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def temporary_shards(root: Path) -> list[str]:
+    shards = Path(root) / SHARDS_DIR
+    if not shards.is_dir():
+        return []
+    return sorted(p.name for p in shards.iterdir() if p.name.startswith(TMP_PREFIX))
+
+
+def shard_dir(root: Path, name: str) -> Path:
+    return Path(root) / SHARDS_DIR / name
+
+
+def load_index(root: Path, name: str, manifest: CacheManifest) -> ShardIndex:
+    """Read and validate one shard's index.json against the cache manifest."""
+    path = shard_dir(root, name) / INDEX_FILE
+    index = ShardIndex.from_dict(read_json(path), str(path))
+    if index.name != name:
+        raise CacheFormatError(f"{path}: field 'name' is {index.name!r} but the folder is {name!r}")
+    index.check_against(manifest, str(path))
+    return index
