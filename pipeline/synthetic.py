@@ -107,9 +107,12 @@ class SyntheticTeacher:
         )
 
     def samples(self, ids: list[str], k: int, min_tokens: int = 3, max_tokens: int = 20, question_every: int = 0):
-        """Yield samples with lengths drawn in [min_tokens, max_tokens]; every `question_every`-th has question features."""
-        for i, sid in enumerate(ids):
+        """Yield samples with lengths in [min_tokens, max_tokens]; about 1 in `question_every` has question features.
+
+        Lengths and the question-feature choice depend only on (seed, id), like the data itself.
+        """
+        for sid in ids:
             h = zlib.crc32(f"{self.seed}/{sid}".encode())
             n = min_tokens + h % (max_tokens - min_tokens + 1)
-            q = 5 + (h >> 8) % 35 if question_every and i % question_every == 0 else 0
+            q = 5 + (h >> 8) % 35 if question_every and (h >> 16) % question_every == 0 else 0
             yield self.sample(sid, n, k, question_tokens=q)
