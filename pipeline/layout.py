@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from schemas import INDEX_FILE, SHARDS_DIR, TMP_PREFIX, CacheFormatError, CacheManifest, ShardIndex, read_json
+from schemas import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    TMP_PREFIX,
+    CacheFormatError,
+    CacheManifest,
+    ShardIndex,
+    read_json,
+    read_manifest,
+)
 
 
 def committed_shards(root: Path) -> list[str]:
@@ -43,3 +53,16 @@ def load_index(root: Path, name: str, manifest: CacheManifest) -> ShardIndex:
         raise CacheFormatError(f"{path}: field 'name' is {index.name!r} but the folder is {name!r}")
     index.check_against(manifest, str(path))
     return index
+
+
+def committed_sample_ids(root: Path) -> set[str]:
+    """Every sample id stored or rejected by a committed shard (empty for a cache not created yet)."""
+    root = Path(root)
+    if not (root / MANIFEST_FILE).exists():
+        return set()
+    manifest = read_manifest(root)
+    done: set[str] = set()
+    for name in committed_shards(root):
+        index = load_index(root, name, manifest)
+        done.update(index.sample_ids, index.rejected_ids)
+    return done

@@ -53,7 +53,8 @@ class TeacherSample:
     """Everything the teacher contributes for one (image, question, answer) sample.
 
     Per-position arrays have n rows, one per stored position (see PositionsInfo).
-    `features` / `question_features` may be torch tensors (bf16 kept bit-exact) or numpy arrays.
+    `features` / `question_features` may be torch tensors (bf16 kept bit-exact) or numpy arrays;
+    with a lossy cache encoding they may also arrive already encoded, together with their scales.
     """
 
     sample_id: str
@@ -64,6 +65,8 @@ class TeacherSample:
     topk_logprobs: Any = None  # [n, k]
     tail_logmass: Any = None  # [n] log(1 - sum(exp(topk_logprobs))) computed in full precision
     question_features: Any = None  # [q, d] or None
+    feature_scales: Any = None  # given only with already-encoded lossy features (payload in `features`)
+    question_feature_scales: Any = None
     source: str = ""
     images: list[str] = field(default_factory=list)
     messages: Any = field(default_factory=list)  # list of turns, or their JSON text
@@ -147,12 +150,12 @@ class CacheWriter:
         if target_ids.min() < 0 or target_ids.max() >= m.teacher.vocab_size:
             raise ValueError(f"{where}: target ids outside [0, {m.teacher.vocab_size})")
         out = {"target_ids": target_ids.astype(np.int32)}
-        feats, scales = encode_features(s.features, m.features.encoding)
+        feats, scales = _encode(s.features, s.feature_scales, m.features.encoding)
         _expect_shape(where, "features", feats, (n, d))
         out["features"] = feats
         out["logsumexp"] = _vector(where, "logsumexp", s.logsumexp, n, np.float32)
         if scales is not None:
-            out["feature_scales"] = scales
+            out["feature_scales"] = _vector(where, "feature_scales", scales, n, np.float32)
         if k:
             if s.topk_ids is None or s.topk_logprobs is None or s.tail_logmass is None:
                 raise ValueError(f"{where}: the cache stores top-{k}; topk_ids, topk_logprobs and tail_logmass are needed")
@@ -160,11 +163,11 @@ class CacheWriter:
             out["topk_logprobs"] = _matrix(where, "topk_logprobs", s.topk_logprobs, (n, k), m.topk.logprob_dtype)
             out["tail_logmass"] = _vector(where, "tail_logmass", s.tail_logmass, n, np.float32)
         qf = s.question_features if s.question_features is not None else np.zeros((0, d), np.float32)
-        qfeats, qscales = encode_features(qf, m.features.encoding)
+        qfeats, qscales = _encode(qf, s.question_feature_scales, m.features.encoding)
         _expect_shape(where, "question_features", qfeats, (len(qfeats), d))
         out["question_features"] = qfeats
         if qscales is not None:
-            out["question_feature_scales"] = qscales
+            out["question_feature_scales"] = _vector(where, "question_feature_scales", qscales, len(qfeats), np.float32)
         return out
 
     # -- committing --------------------------------------------------------------------
@@ -287,6 +290,13 @@ def _remove_own_tmp(root: Path, writer_id: str) -> None:
     """Delete temporary shard folders this writer id left behind when it was killed."""
     for tmp in (root / SHARDS_DIR).glob(f"{TMP_PREFIX}{writer_id}-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _encode(features: Any, scales: Any, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encode raw features, or pass through a payload that arrives with its scales."""
+    if scales is None:
+        return encode_features(features, encoding)
+    return np.ascontiguousarray(features), np.asarray(scales, dtype=np.float32).reshape(-1)
 
 
 def _expect_shape(where: str, name: str, arr: np.ndarray, shape: tuple) -> None:

@@ -1,0 +1,109 @@
+"""Turn one (messages, images, answer) sample into model inputs with a model's own chat template.
+
+Shared by the teacher pass and the student trainer: each model tokenizes the same
+conversation its own way. The split between prompt and answer is made on the
+rendered text: the prompt is the template with `add_generation_prompt=True`; the
+answer is what the full conversation adds after it, cut right after the first
+end-of-turn token. The answer is tokenized on its own (as generation would produce
+it), so the answer ids never depend on how the prompt ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+class TemplateError(ValueError):
+    """The chat template cannot render this sample, or does not close the assistant turn."""
+
+
+@dataclass
+class EncodedSample:
+    """Processor output for the prompt (batch dim 1) plus the answer's token ids."""
+
+    sample_id: str
+    prompt_inputs: dict  # input_ids [1, P], attention_mask, pixel_values, image_grid_thw, ...
+    answer_ids: list[int]  # ends with an end-of-turn id
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.prompt_inputs["input_ids"].shape[1])
+
+    @property
+    def total_len(self) -> int:
+        return self.prompt_len + len(self.answer_ids)
+
+
+def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Chat-template text of `messages` (the processor's template, else the tokenizer's)."""
+    owner = processor if getattr(processor, "chat_template", None) else _tokenizer(processor)
+    try:
+        return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja raises TemplateError, UndefinedError, TypeError...
+        raise TemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
+
+
+def answer_token_ids(processor, messages: list[dict], answer: str, end_of_turn: set[int]) -> list[int]:
+    """Token ids of `answer` as the template closes it, ending with (and including) the end-of-turn token."""
+    prompt = render(processor, messages, add_generation_prompt=True)
+    full = render(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], False)
+    if not full.startswith(prompt):
+        raise TemplateError("the rendered conversation does not start with the rendered prompt")
+    ids = _tokenizer(processor)(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    for i, token in enumerate(ids):
+        if token in end_of_turn:
+            return ids[: i + 1]
+    raise TemplateError(f"the chat template does not close the assistant turn with an end-of-turn token {sorted(end_of_turn)}")
+
+
+def encode_sample(processor, sample_id: str, messages: list[dict], images: list, answer: str, end_of_turn: set[int]) -> EncodedSample:
+    """Processor inputs for the prompt (images expanded into image tokens) plus the answer ids."""
+    prompt = render(processor, messages, add_generation_prompt=True)
+    answer_ids = answer_token_ids(processor, messages, answer, end_of_turn)
+    kwargs = {"text": [prompt], "return_tensors": "pt"}
+    if images:
+        kwargs["images"] = images
+    try:
+        inputs = dict(processor(**kwargs))
+    except Exception as err:  # processors raise ValueError / IndexError on placeholder-count mismatches
+        raise TemplateError(f"processor failed: {type(err).__name__}: {err}") from None
+    return EncodedSample(sample_id, inputs, answer_ids)
+
+
+def collate(samples: list[EncodedSample], pad_id: int) -> dict:
+    """Right-padded batch of prompt + answer for a forward pass.
+
+    Sequence tensors ([1, P]) get the answer appended (ids for input_ids, 1 for the
+    attention mask, 0 otherwise) and are padded; every other tensor (pixel values,
+    image grids) is concatenated along dim 0, as each family's processor does for a batch.
+    """
+    length = max(s.total_len for s in samples)
+    rows: dict[str, list] = {}
+    others: dict[str, list] = {}
+    for s in samples:
+        answer = torch.tensor(s.answer_ids, dtype=torch.long)
+        for key, value in s.prompt_inputs.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if not _is_sequence(key, value, s.prompt_len):
+                others.setdefault(key, []).append(value)
+                continue
+            tail = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key, torch.zeros_like(answer))
+            row = torch.cat([value[0], tail.to(value.dtype)])
+            pad_value = pad_id if key == "input_ids" else 0
+            rows.setdefault(key, []).append(torch.nn.functional.pad(row, (0, length - len(row)), value=pad_value))
+    batch = {key: torch.stack(v) for key, v in rows.items()}
+    batch.update({key: torch.cat(v) for key, v in others.items()})
+    return batch
+
+
+def _is_sequence(key: str, value: torch.Tensor, prompt_len: int) -> bool:
+    return key in SEQUENCE_KEYS or (value.dim() == 2 and tuple(value.shape) == (1, prompt_len) and key != "image_grid_thw")
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)

@@ -1,0 +1,103 @@
+"""Head statistics vs a plain full-softmax reference; generation backends against stand-ins."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.features import TeacherHead, head_statistics, stored_positions, wants_question_features
+from pipeline.responses import GenerationSettings, VLLMGenerator, answers_agree, resolve_backend
+
+
+def reference_statistics(head: TeacherHead, features: torch.Tensor, k: int) -> dict:
+    logits = torch.nn.functional.linear(features.double(), head.weight.double(), None if head.bias is None else head.bias.double())
+    logits = logits * head.logit_scale
+    if head.softcap:
+        logits = torch.tanh(logits / head.softcap) * head.softcap
+    logprobs = torch.log_softmax(logits, -1)
+    top = logprobs.topk(k, -1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    return dict(logsumexp=torch.logsumexp(logits, -1), topk_ids=top.indices, topk_logprobs=top.values, tail_logmass=tail)
+
+
+@pytest.mark.parametrize("scale, softcap, bias", [(1.0, None, False), (0.5, 30.0, True)])
+def test_chunked_head_statistics_match_full_softmax(scale, softcap, bias):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 32, generator=g) / 4
+    head = TeacherHead(weight, torch.randn(1000, generator=g) if bias else None, scale, softcap)
+    features = torch.randn(77, 32, generator=g) * 3
+    ours = head_statistics(head, features, k=16, chunk_tokens=10)
+    ref = reference_statistics(head, features, k=16)
+    assert torch.equal(ours["topk_ids"], ref["topk_ids"])
+    for name in ("logsumexp", "topk_logprobs", "tail_logmass"):
+        torch.testing.assert_close(ours[name].double(), ref[name], rtol=1e-5, atol=1e-5)
+    total = ours["topk_logprobs"].exp().sum(-1) + ours["tail_logmass"].exp()
+    torch.testing.assert_close(total, torch.ones(77), rtol=1e-5, atol=1e-5)
+
+
+def test_no_topk_still_gives_logsumexp():
+    head = TeacherHead(torch.randn(50, 8))
+    out = head_statistics(head, torch.randn(5, 8), k=0)
+    assert set(out) == {"logsumexp"} and out["logsumexp"].shape == (5,)
+
+
+def test_stored_positions_are_next_token_aligned():
+    # prompt of 5 tokens (0..4), answer of 3 (5, 6, 7): features at 4, 5, 6 predict tokens 5, 6, 7
+    assert stored_positions(5, 3) == slice(4, 7)
+
+
+def test_question_feature_choice_is_deterministic_and_near_the_fraction():
+    chosen = [wants_question_features(f"id{i}", 0.25) for i in range(4000)]
+    assert chosen == [wants_question_features(f"id{i}", 0.25) for i in range(4000)]
+    assert 0.22 < sum(chosen) / 4000 < 0.28
+    assert not any(wants_question_features(f"id{i}", 0.0) for i in range(100))
+
+
+@pytest.mark.parametrize(
+    "generated, reference, agree",
+    [
+        ("The shape is a circle.", "circle", True),
+        ("Yes, it does.", "yes", True),
+        ("No", "yes", False),
+        ("Yes or no, hard to say", "no", False),
+        ("It is a rectangle", "triangle", False),
+        ("dark blue", "blue", True),
+        ("", "blue", False),
+    ],
+)
+def test_answers_agree(generated, reference, agree):
+    assert answers_agree(generated, reference) is agree
+
+
+class StandInEngine:
+    """Records what the vLLM backend sends and answers like vLLM's LLM.generate."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, requests, params, use_tqdm=False):
+        self.calls.append((requests, params))
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=f" answer to {r['prompt']} ")]) for r in requests]
+
+
+def test_vllm_backend_sends_prompts_images_and_sampling():
+    engine = StandInEngine()
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0, seed=3)
+    gen = VLLMGenerator("unused", settings, engine=engine, make_params=dict)
+    image = object()
+    texts = gen.generate([("p1", [image]), ("p2", []), ("p3", [image, image])])
+    assert texts == ["answer to p1", "answer to p2", "answer to p3"]
+    requests, params = engine.calls[0]
+    assert requests[0] == {"prompt": "p1", "multi_modal_data": {"image": image}}
+    assert requests[1] == {"prompt": "p2"}
+    assert requests[2]["multi_modal_data"]["image"] == [image, image]
+    assert params == {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "seed": 3}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_backend_resolution_without_vllm():
+    assert resolve_backend("hf") == "hf"
+    assert resolve_backend("auto") == "hf"  # no vllm and no GPU here
+    with pytest.raises(ValueError, match="vllm extra"):
+        resolve_backend("vllm")
