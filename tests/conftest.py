@@ -36,3 +36,6 @@ def small_cache(tmp_path, teacher):
     root = tmp_path / "cache"
     samples = write_cache(root, teacher, [f"s{i:03d}" for i in range(40)])
     return root, samples
+
+
+from tests.tiny_fixtures import tiny_image, tiny_vlm, tiny_vlm_dir  # noqa: E402,F401  (session-built tiny VLMs)

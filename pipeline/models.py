@@ -1,0 +1,369 @@
+"""Load any vision-language model (teacher or student) through stock transformers classes.
+
+`load_vlm(name)` accepts an alias from `MODEL_ALIASES`, a local folder or a hub id and returns the
+model (eval mode), its processor and tokenizer. The helpers split a loaded VLM into the pieces the
+method needs: `body_forward` (final hidden states, after the final norm), `lm_head_and_scaling` (the
+head plus any logit scale / soft-cap the family applies) and `end_of_turn_ids`.
+
+Processors work without torchvision: every video processor needs it, so when `AutoProcessor` fails on
+one, the family's processor is built with `video_processor=None` (see `load_processor`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+# InternVL 2.5: only the MPO checkpoints were published in transformers-native ("-hf") form, e.g.
+# OpenGVLab/InternVL2_5-{2B,8B,78B}-MPO-hf (LLaMA-Factory registers 2B/8B; issue #7880 confirms 78B);
+# the other sizes follow the same naming. The plain SFT repos (OpenGVLab/InternVL2_5-8B) need
+# trust_remote_code and are not used by default.
+MODEL_ALIASES: dict[str, str] = {
+    **{f"qwen2-vl-{s}b": f"Qwen/Qwen2-VL-{s}B-Instruct" for s in (2, 7, 72)},
+    **{f"qwen2.5-vl-{s}b": f"Qwen/Qwen2.5-VL-{s}B-Instruct" for s in (3, 7, 32, 72)},
+    **{f"internvl2.5-{s}b": f"OpenGVLab/InternVL2_5-{s}B-MPO-hf" for s in (1, 2, 4, 8, 26, 38, 78)},
+    **{f"internvl3-{s}b": f"OpenGVLab/InternVL3-{s}B-hf" for s in (1, 2, 8, 14, 38, 78)},
+    **{f"llava-onevision-{s}b": f"llava-hf/llava-onevision-qwen2-{s}b-ov-hf" for s in ("0.5", 7, 72)},
+}
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+    "float": torch.float32, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class ModelLoadError(ValueError):
+    """A model or processor that cannot be loaded as asked (bad name, missing folder, not cached offline...)."""
+
+
+@dataclass
+class LoadedVLM:
+    model: Any  # AutoModelForImageTextToText instance, eval mode
+    processor: Any
+    tokenizer: Any
+    name: str  # what the caller asked for
+    path: str  # local folder or hub id it resolved to
+    family: str  # config.model_type, e.g. "qwen2_vl", "internvl", "llava"
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_model(name: str | os.PathLike) -> str:
+    """Alias -> hub id; existing local folder -> its absolute path; anything else is returned as given."""
+    text = str(name)
+    if text.lower() in MODEL_ALIASES:
+        return MODEL_ALIASES[text.lower()]
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return text
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_source(name: str, path: str, revision: str | None, trust_remote_code: bool):
+    """Fail at once, with what to do, when `path` cannot be loaded; else (config, local_files_only)."""
+    from transformers import AutoConfig
+
+    local_only = False
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"model {name!r}: folder {path} has no config.json (not a saved HF model folder)")
+    elif _looks_like_path(path):
+        raise ModelLoadError(f"model {name!r}: {path} is not an existing local folder; check the path")
+    elif "/" not in path:
+        raise ModelLoadError(
+            f"model {name!r} is not a known alias ({', '.join(sorted(MODEL_ALIASES))}), not a local folder "
+            "and not a hub id of the form owner/name"
+        )
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str)
+        local_only = not _hub_reachable()  # cached but hub down: read the cache, no retries against the network
+        if not cached and local_only:
+            raise ModelLoadError(
+                f"model {name!r} ({path}) is not a local folder and not in the Hugging Face cache, and the hub "
+                "cannot be reached (offline?): download it on a connected machine and pass the folder, or point "
+                "HF_HOME at a cache that holds it"
+            )
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                            local_files_only=local_only)
+        return config, local_only
+    except (OSError, ValueError, KeyError) as exc:
+        hint = " (it needs trust_remote_code=True; prefer a transformers-native '-hf' repo)" if (
+            "trust_remote_code" in str(exc)) else ""
+        raise ModelLoadError(f"model {name!r} ({path}) cannot be loaded{hint}: {exc}") from exc
+
+
+def _resolve_dtype(dtype, device: str, device_map) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        on_cuda = str(device).startswith("cuda") or (device_map is not None and torch.cuda.is_available())
+        return torch.bfloat16 if on_cuda else torch.float32
+    if str(dtype) in _DTYPES:
+        return _DTYPES[str(dtype)]
+    raise ModelLoadError(f"dtype {dtype!r} not understood: use 'auto', 'bfloat16', 'float32' or 'float16'")
+
+
+def _pick_attention(device: str, dtype: torch.dtype, device_map) -> str:
+    on_cuda = str(device).startswith("cuda") or (device_map is not None and torch.cuda.is_available())
+    if on_cuda and dtype in (torch.bfloat16, torch.float16):
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_vlm(
+    name: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedVLM:
+    """Load a VLM and its processor. dtype 'auto' = bf16 on CUDA, fp32 on CPU. With `device_map`, accelerate
+    places the weights and `device` is ignored. Attention: flash_attention_2 when importable on CUDA, else sdpa."""
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model(name)
+    config, local_only = _check_source(str(name), path, revision, trust_remote_code)
+    torch_dtype = _resolve_dtype(dtype, device, device_map)
+    attn = attn_implementation or _pick_attention(device, torch_dtype, device_map)
+    kwargs = dict(dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code,
+                  local_files_only=local_only)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn, **kwargs)
+        except ValueError as exc:  # a vision tower without sdpa / flash-attn support: fall back to eager
+            if attn_implementation is not None or "attn" not in str(exc).lower():
+                raise
+            model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="eager", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r} ({path}) cannot be loaded: {exc}") from exc
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    processor = load_processor(path, trust_remote_code=trust_remote_code, revision=revision,
+                               local_files_only=local_only)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        warnings.warn(f"{name}: tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")
+    return LoadedVLM(model, processor, tokenizer, str(name), path, config.model_type, torch_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processors without torchvision
+
+
+@functools.cache
+def _video_optional(cls: type) -> type:
+    """`cls` with `video_processor=None` accepted (the stock argument check rejects None)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None and argument_name == "video_processor":
+            return None
+        return cls.check_argument_for_proper_class(self, argument_name, argument)
+
+    attrs = {"check_argument_for_proper_class": check_argument_for_proper_class, "_video_optional": True}
+    return type(cls.__name__, (cls,), {"__module__": __name__, **attrs})
+
+
+def _video_failure(exc: Exception) -> bool:
+    from transformers.utils import is_torchvision_available
+
+    text = str(exc).lower()
+    return not is_torchvision_available() or "video" in text or "torchvision" in text
+
+
+def load_processor(path: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None,
+                   local_files_only: bool = False):
+    """`AutoProcessor.from_pretrained`; when that fails on the video processor (no torchvision), the family's
+    processor with the image processor (PIL backend), the tokenizer, `video_processor=None` and the chat template."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.utils import cached_file, is_torchvision_available
+
+    path, hub = str(path), dict(revision=revision, local_files_only=local_files_only)
+    cls_name = None
+    for filename in ("processor_config.json", "tokenizer_config.json"):  # a processor-only folder has no config
+        found = cached_file(path, filename, **hub, _raise_exceptions_for_missing_entries=False)
+        if found and not cls_name:
+            cls_name = json.loads(Path(found).read_text(encoding="utf-8")).get("processor_class")
+    if not cls_name:
+        try:
+            config = AutoConfig.from_pretrained(path, **hub, trust_remote_code=trust_remote_code)
+            cls_name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
+        except (OSError, ValueError):
+            pass
+    cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+    has_video = cls is not None and "video_processor" in cls.get_attributes()
+    first_error = None
+    if not has_video or is_torchvision_available():  # otherwise AutoProcessor is known to fail: skip it
+        try:
+            return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **hub)
+        except Exception as exc:  # noqa: BLE001 - decide below whether the fallback applies
+            if not (has_video and _video_failure(exc)):
+                raise
+            first_error = exc
+    processor_dict, _ = cls.get_processor_dict(path, **hub)
+    parts = {
+        "image_processor": AutoImageProcessor.from_pretrained(path, **hub),
+        "tokenizer": AutoTokenizer.from_pretrained(path, **hub, trust_remote_code=trust_remote_code),
+        "video_processor": None,
+    }
+    unknown = [a for a in cls.get_attributes() if a not in parts]
+    if unknown:
+        raise first_error or ModelLoadError(f"{path}: cannot build {cls_name} without torchvision (needs {unknown})")
+    if not processor_dict.get("chat_template") and getattr(parts["tokenizer"], "chat_template", None):
+        processor_dict["chat_template"] = parts["tokenizer"].chat_template
+    args = [parts[a] for a in cls.get_attributes()]
+    return _video_optional(cls).from_args_and_dict(args, processor_dict)
+
+
+def save_processor(processor, folder: str | os.PathLike) -> None:
+    """Save a processor so `load_processor(folder)` round-trips, for stock and video-less processors alike."""
+    folder = Path(folder)
+    if not getattr(processor, "_video_optional", False) or getattr(processor, "video_processor", None) is not None:
+        processor.save_pretrained(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    processor.image_processor.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    template = processor.chat_template
+    if isinstance(template, dict):
+        (folder / "chat_templates").mkdir(exist_ok=True)
+        for key, text in template.items():
+            target = folder / "chat_template.jinja" if key == "default" else folder / "chat_templates" / f"{key}.jinja"
+            target.write_text(text, encoding="utf-8")
+    elif template:
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config = processor.to_dict()
+    config.pop("video_processor", None)
+    (folder / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Body / head split
+
+
+def lm_head_and_scaling(model) -> tuple[torch.nn.Module, float, float | None]:
+    """(lm_head, logit_scale, softcap): logits = softcap(lm_head(h) * logit_scale), with
+    softcap(x) = tanh(x / c) * c when c is not None. Reads `logit_scale` (Cohere: multiply),
+    `logits_scaling` (Granite: divide) and `final_logit_softcapping` (Gemma 2) from the text config."""
+    head = model.get_output_embeddings()
+    configs = [model.config.get_text_config(), model.config]
+
+    def first(attr):
+        for cfg in configs:
+            value = getattr(cfg, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        return None
+
+    scale = 1.0
+    if (value := first("logit_scale")) is not None:
+        scale *= value
+    if (value := first("logits_scaling")) is not None and value != 0:
+        scale /= value
+    return head, scale, first("final_logit_softcapping")
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states, with the family's scale and soft-cap (== model(...).logits)."""
+    head, scale, softcap = lm_head_and_scaling(model)
+    logits = head(hidden)
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def body_forward(model, **inputs) -> torch.Tensor:
+    """Run the VLM without its lm_head; return the final hidden states [batch, seq, d] (after the final norm)."""
+    for key in ("labels", "logits_to_keep", "output_hidden_states", "return_dict"):
+        inputs.pop(key, None)
+    inputs.setdefault("use_cache", False)
+    inner = getattr(model, "model", None)
+    if inner is not None and inner is not model:
+        out = inner(**inputs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chat template
+
+
+def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> list[int]:
+    """Special token ids the chat template writes right after an assistant message (e.g. [<|im_end|>] for
+    ChatML, [</s>] for Mistral/Llama-2 [INST] templates); [eos_token_id] when it writes none."""
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    sentinel = "Zq9xSENTINELx9qZ"
+    suffix = None
+    if template:
+        for content in ([{"type": "text", "text": sentinel}], sentinel):
+            messages = [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}] if isinstance(content, list) else "hi"},
+                {"role": "assistant", "content": content},
+            ]
+            try:
+                text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+            except Exception:  # noqa: BLE001 - some templates only accept one content form
+                continue
+            if sentinel in text:
+                suffix = text.split(sentinel, 1)[1]
+                break
+    ids: list[int] = []
+    if suffix:
+        special = set(tokenizer.all_special_ids) | {
+            i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)
+        }
+        for token_id in tokenizer.encode(suffix.lstrip(" "), add_special_tokens=False):
+            if token_id in special:
+                ids.append(token_id)
+            elif ids or tokenizer.decode([token_id]).strip():
+                break  # stop at the first real text after the closing token(s)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
