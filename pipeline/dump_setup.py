@@ -1,0 +1,225 @@
+"""Settings of a dump, loading the teacher, and what a dump writes once per cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from schemas import (
+    MIN_COSINE,
+    TEACHER_DIR,
+    CacheManifest,
+    DataInfo,
+    FeatureEncoding,
+    PositionsInfo,
+    ResponsesInfo,
+    StorageInfo,
+    TeacherInfo,
+    TopKInfo,
+)
+from pipeline.features import TeacherHead
+from pipeline.models import LoadedVLM, end_of_turn_ids, lm_head_and_scaling, load_vlm, save_processor
+from pipeline.responses import GenerationSettings, resolve_backend
+from pipeline.teacher_files import write_teacher_head
+
+HF_FILES_DIR = "hf"  # teacher/hf/: config, tokenizer, processor files and chat template
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """Everything `pipeline dump-teacher` needs; the CLI fills it from its options."""
+
+    model: str
+    """Teacher: alias (qwen2-vl-72b, ...), hub id, or local folder."""
+    data: str
+    """Data: LLaVA JSON, TRL jsonl/parquet/datasets folder, or easy-vqa:train / easy-vqa:test."""
+    out: str
+    """Cache folder (created if missing; an existing one is resumed)."""
+    image_root: str | None = None
+    """Folder that relative image paths in the data are resolved under (never left)."""
+    split: str | None = None
+    """Split of a datasets folder holding a DatasetDict."""
+    responses: Literal["dataset", "generate"] = "dataset"
+    """Answers from the data itself, or written by the teacher."""
+    backend: str = "auto"
+    """Generation backend: auto (vLLM when installed and on GPU), vllm, hf."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Sampling settings for generated answers."""
+    keep_if_correct: bool = False
+    """Keep a generated answer only when it agrees with the reference answer."""
+    on_incorrect: Literal["reference", "reject"] = "reference"
+    """With keep_if_correct: use the reference answer instead, or reject the sample."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallel size."""
+    top_k: int = 64
+    """Top-k log-probs stored per position (0: none)."""
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    """Dtype of stored log-probs."""
+    feature_encoding: Literal["bf16", "fp8_e4m3", "int8"] = "bf16"
+    """How features are stored."""
+    question_features_fraction: float = 0.0
+    """Fraction of samples (chosen by id) that also store features at every prompt position."""
+    max_length: int = 4096
+    """Samples longer than this (prompt with image tokens + answer) are rejected."""
+    max_batch_tokens: int = 8192
+    """Padded tokens per forward batch."""
+    window: int = 64
+    """Samples prepared at a time; batches are length-sorted within a window."""
+    dtype: str = "auto"
+    """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32, float16."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N (ignored with device_map)."""
+    device_map: str | None = None
+    """'auto' spreads the teacher over all visible GPUs."""
+    attn_implementation: str | None = None
+    """sdpa, flash_attention_2, eager; default: the best available."""
+    trust_remote_code: bool = False
+    """Run code from the model repository (only when asked)."""
+    revision: str | None = None
+    """Hub revision of the teacher."""
+    num_workers: int = 1
+    """Workers splitting the data (default: WORLD_SIZE under torchrun)."""
+    worker_index: int = 0
+    """This worker's index (default: RANK under torchrun)."""
+    shard_target_tokens: int = 8192
+    """Stored positions per committed shard."""
+    chunk_tokens: int = 256
+    """Zarr chunk length along tokens."""
+    limit: int | None = None
+    """Use only the first N samples of the data (before splitting between workers)."""
+
+    def __post_init__(self):
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})")
+
+
+@dataclass
+class LoadedTeacher:
+    vlm: LoadedVLM
+    head: TeacherHead
+    end_of_turn: set[int]
+    pad_id: int
+    backend: str | None
+
+    @property
+    def processor(self):
+        return self.vlm.processor
+
+    @property
+    def model(self):
+        return self.vlm.model
+
+
+def workers_from_env(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
+    """Explicit flags win; otherwise torchrun's WORLD_SIZE / RANK; otherwise one worker."""
+    n = num_workers if num_workers is not None else int(os.environ.get("WORLD_SIZE", 1))
+    i = worker_index if worker_index is not None else int(os.environ.get("RANK", 0))
+    return n, i
+
+
+def writer_id(cfg: DumpConfig) -> str:
+    return f"w{cfg.worker_index:05d}"
+
+
+def resolve_device(cfg: DumpConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
+    backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
+    vlm = load_vlm(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=resolve_device(cfg),
+        device_map=cfg.device_map,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    module, scale, softcap = lm_head_and_scaling(vlm.model)
+    head = TeacherHead(module.weight.detach(), getattr(module, "bias", None), scale, softcap)
+    tok = vlm.tokenizer
+    eot = set(end_of_turn_ids(tok, _chat_template(vlm)))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eot)
+    return LoadedTeacher(vlm, head, eot, pad_id, backend)
+
+
+def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
+    vlm, head = teacher.vlm, teacher.head
+    config = vlm.model.config
+    return CacheManifest(
+        teacher=TeacherInfo(
+            model=cfg.model,
+            revision=cfg.revision,
+            family=config.model_type,
+            architecture=(config.architectures or [type(vlm.model).__name__])[0],
+            hidden_size=int(head.weight.shape[1]),
+            vocab_size=int(head.weight.shape[0]),
+            tokenizer_vocab_size=len(vlm.tokenizer),
+            dtype=str(vlm.model.dtype).removeprefix("torch."),
+            tokenizer_fingerprint=tokenizer_fingerprint(vlm.tokenizer),
+            end_of_turn_token_ids=tuple(sorted(teacher.end_of_turn)),
+            chat_template=_chat_template(vlm),
+            logit_scale=head.logit_scale,
+            final_logit_softcapping=head.softcap,
+            head_has_bias=head.bias is not None,
+        ),
+        responses=ResponsesInfo(
+            source=cfg.responses,
+            backend=teacher.backend,
+            sampling=cfg.generation.to_dict() if cfg.responses == "generate" else {},
+            keep_if_correct=cfg.keep_if_correct,
+            on_incorrect=cfg.on_incorrect if cfg.keep_if_correct else None,
+        ),
+        data=DataInfo(source=cfg.data + (f"[{cfg.split}]" if cfg.split else ""), image_root=cfg.image_root),
+        features=feature_encoding(cfg.feature_encoding, vlm.model.dtype),
+        topk=TopKInfo(k=cfg.top_k, logprob_dtype=cfg.logprob_dtype),
+        positions=PositionsInfo(question_features_fraction=cfg.question_features_fraction),
+        storage=StorageInfo(shard_target_tokens=cfg.shard_target_tokens, chunk_tokens=cfg.chunk_tokens),
+    )
+
+
+def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncoding:
+    """bf16 storage is lossless only for a bf16 teacher; from fp32 it rounds (cosine > 0.9999)."""
+    source = str(source_dtype).removeprefix("torch.")
+    if encoding == "bf16":
+        lossless = source_dtype == torch.bfloat16
+        return FeatureEncoding("bf16", source_dtype=source, lossless=lossless, min_cosine=1.0 if lossless else 0.9999)
+    return FeatureEncoding(encoding, source_dtype=source, lossless=False, min_cosine=MIN_COSINE[encoding])
+
+
+def save_teacher_files(out: str, teacher: LoadedTeacher) -> None:
+    """Head + config + tokenizer/processor + chat template under teacher/, once per cache (atomic)."""
+    root = Path(out) / TEACHER_DIR
+    write_teacher_head(out, teacher.head.weight, teacher.head.bias)
+    final = root / HF_FILES_DIR
+    if final.exists():
+        return
+    tmp = root / f".tmp-{HF_FILES_DIR}-{os.getpid()}-{os.urandom(3).hex()}"
+    teacher.model.config.save_pretrained(tmp)
+    save_processor(teacher.processor, tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another worker saved the same files first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary and the special tokens: equal fingerprints, equal token ids."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": sorted(tokenizer.all_special_tokens)}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def _chat_template(vlm: LoadedVLM) -> str | None:
+    return getattr(vlm.processor, "chat_template", None) or getattr(vlm.tokenizer, "chat_template", None)

@@ -1,0 +1,121 @@
+"""`pipeline dump-teacher` on tiny random-weight VLMs saved to disk and loaded by path."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.dump import dump_teacher
+from pipeline.dump_setup import DumpConfig
+from pipeline.models import load_vlm
+from pipeline.reader import CacheReader
+from pipeline.teacher_files import load_teacher_head
+from pipeline.verify import verify_cache
+
+FAMILIES = [("qwen2-vl-tiny", "qwen2"), ("internvl-tiny", "tiny-bpe"), ("llava-onevision-tiny", "tiny-bpe")]
+
+
+def dump(model_dir, out, **kw):
+    cfg = DumpConfig(model=str(model_dir), data=kw.pop("data", "easy-vqa:train"), out=str(out), **kw)
+    return dump_teacher(cfg, progress=False)
+
+
+def direct_forward(vlm, messages, images, answer):
+    """Hidden states and ids of the whole conversation, rendered and processed in one piece."""
+    full = messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    kwargs = {"images": images} if images else {}
+    prompt_text = vlm.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full_text = vlm.processor.apply_chat_template(full, tokenize=False)
+    prompt_len = vlm.processor(text=[prompt_text], return_tensors="pt", **kwargs)["input_ids"].shape[1]
+    inputs = vlm.processor(text=[full_text], return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        hidden = vlm.model(**inputs, output_hidden_states=True).hidden_states[-1][0]
+    return hidden, inputs["input_ids"][0], prompt_len
+
+
+def assert_bf16_close(stored: np.ndarray, direct: torch.Tensor):
+    """Stored bf16 equals the fp32 forward rounded to bf16, up to batching noise of one bf16 step."""
+    direct = direct.numpy()
+    assert np.all(np.abs(stored - direct) <= np.abs(direct) * 2**-7 + 1e-6)
+
+
+@pytest.mark.parametrize("family, tokenizer", FAMILIES)
+def test_cache_matches_a_direct_forward(tmp_path, tiny_vlm_dir, family, tokenizer):
+    model_dir = tiny_vlm_dir(family, tokenizer)
+    stats = dump(model_dir, tmp_path / "c", limit=12, top_k=16, question_features_fraction=0.5, max_batch_tokens=600)
+    assert stats.written == 12 and stats.rejected == 0
+    assert verify_cache(tmp_path / "c").ok
+    reader = CacheReader(tmp_path / "c")
+    vlm = load_vlm(model_dir)
+    weight, bias = load_teacher_head(tmp_path / "c", reader.manifest)
+    eot = set(reader.manifest.teacher.end_of_turn_token_ids)
+    with_questions = 0
+    for sid in reader.sample_ids:
+        cached, meta = reader.get(sid), reader.sample_meta(sid)
+        images = [_load(ref) for ref in meta["images"]]
+        hidden, ids, prompt_len = direct_forward(vlm, meta["messages"], images, meta["answer"])
+        n = len(cached.target_ids)
+        # targets: the answer in the teacher's tokens, ending with the end-of-turn token
+        assert cached.target_ids[-1] in eot
+        assert vlm.tokenizer.decode(cached.target_ids[:-1]).strip() == meta["answer"]
+        assert ids[prompt_len : prompt_len + n].tolist() == cached.target_ids.tolist()
+        # features at the last prompt position and every answer position but the last
+        assert_bf16_close(cached.features_float32(), hidden[prompt_len - 1 : prompt_len + n - 1])
+        if cached.question_features is not None:
+            with_questions += 1
+            assert_bf16_close(cached.question_features_float32(), hidden[:prompt_len])
+        # top-k is the top-k of the cached head applied to the cached features
+        logprobs = torch.log_softmax(torch.from_numpy(cached.features_float32()) @ weight.float().T, -1)
+        top = logprobs.topk(16, -1)
+        assert np.array_equal(cached.topk_ids, top.indices.numpy())
+        np.testing.assert_allclose(cached.topk_logprobs.astype(np.float32), top.values.numpy(), atol=2e-2, rtol=1e-3)
+    assert 0 < with_questions < 12
+
+
+def _load(ref):
+    from pipeline.data import image_root_for
+    from pipeline.images import resolve_under
+    from PIL import Image
+
+    kind, rel = ref.split(":", 1)
+    return Image.open(resolve_under(image_root_for("easy-vqa:train"), rel)).convert("RGB")
+
+
+def test_two_workers_give_the_same_cache_as_one(tmp_path, tiny_vlm_dir):
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    common = dict(limit=20, top_k=8, max_batch_tokens=1, shard_target_tokens=16)
+    dump(model_dir, tmp_path / "one", **common)
+    for index in (0, 1):
+        dump(model_dir, tmp_path / "two", num_workers=2, worker_index=index, **common)
+    one, two = CacheReader(tmp_path / "one"), CacheReader(tmp_path / "two")
+    assert sorted(one.sample_ids) == sorted(two.sample_ids) and len(one) == 20
+    assert {two.indexes[s].writer_id for s in two.shards} == {"w00000", "w00001"}
+    for sid in one.sample_ids:
+        a, b = one.get(sid), two.get(sid)
+        for name in ("target_ids", "features", "topk_ids", "topk_logprobs", "logsumexp"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (sid, name)
+
+
+def test_rerun_resumes_without_redoing_work(tmp_path, tiny_vlm_dir):
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    first = dump(model_dir, tmp_path / "c", limit=10, top_k=4)
+    again = dump(model_dir, tmp_path / "c", limit=16, top_k=4)
+    assert (first.written, again.written, again.skipped) == (10, 6, 10)
+    assert len(CacheReader(tmp_path / "c")) == 16
+
+
+def test_generated_responses_are_recorded_and_filtered(tmp_path, tiny_vlm_dir):
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    stats = dump(
+        model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate", backend="hf",
+        keep_if_correct=True, on_incorrect="reference",
+        generation=__import__("pipeline.responses", fromlist=["x"]).GenerationSettings(max_new_tokens=5),
+    )
+    reader = CacheReader(tmp_path / "c")
+    manifest = reader.manifest
+    assert manifest.responses.source == "generate" and manifest.responses.backend == "hf"
+    assert manifest.responses.sampling["max_new_tokens"] == 5 and manifest.responses.on_incorrect == "reference"
+    log = [json.loads(line) for line in (tmp_path / "c" / "responses" / "w00000.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and all("response" in r for r in log)
+    assert stats.written == 6  # disagreeing answers fell back to the reference
