@@ -118,9 +118,10 @@ def _or_fail(fn, *args, **kwargs):
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input: reported in one line, never with a traceback."""
     from pipeline.data import DataError
+    from pipeline.encoding import EncodingBoundError
     from pipeline.models import ModelLoadError
 
-    return CacheFormatError, CacheMismatchError, DataError, ModelLoadError
+    return CacheFormatError, CacheMismatchError, DataError, EncodingBoundError, ModelLoadError
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class FeaturePass:
 
     def __init__(self, cfg, teacher, manifest):
         self.teacher = teacher
-        self.encoding = manifest.features.encoding
+        self.encoding = manifest.features
         self.k = manifest.topk.k
         self.question_fraction = manifest.positions.question_features_fraction
         self.device = teacher.model.device
@@ -51,9 +51,9 @@ class FeaturePass:
         _synchronize(self.device)
         t1 = time.perf_counter()
         picked = [hidden[b, stored_positions(e.prompt_len, len(e.answer_ids))] for b, e in enumerate(encoded)]
-        payloads = [roundtrip(h, self.encoding) for h in picked]  # encode, and decode as a reader will
+        payloads = [roundtrip(h, self.encoding, f"sample {e.sample_id!r}") for h, e in zip(picked, encoded)]
         questions = [
-            roundtrip(hidden[b, : e.prompt_len], self.encoding)
+            roundtrip(hidden[b, : e.prompt_len], self.encoding, f"sample {e.sample_id!r} (question features)")
             if wants_question_features(e.sample_id, self.question_fraction)
             else None
             for b, e in enumerate(encoded)

@@ -12,6 +12,11 @@ from typing import Any
 import numpy as np
 
 FP8_E4M3_MAX = 448.0
+
+
+class EncodingBoundError(ValueError):
+    """A lossy feature encoding missed the cosine bound the cache manifest states."""
+
 INT8_MAX = 127.0
 
 
@@ -34,6 +39,30 @@ def encode_features(x: Any, encoding: str) -> tuple[np.ndarray, np.ndarray | Non
         q = scaled.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return q, scales
     raise ValueError(f"unknown feature encoding {encoding!r}; choose bf16, fp8_e4m3 or int8")
+
+
+def min_cosine(source: Any, decoded: np.ndarray) -> float:
+    """Worst per-token cosine similarity between source features and their decoded encoding (1.0 if empty)."""
+    x = to_float32(source).astype(np.float64)
+    y = np.asarray(decoded, dtype=np.float64)
+    if not x.size:
+        return 1.0
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    dots = (x * y).sum(axis=1)
+    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+    return float(cos.min())
+
+
+def check_lossy_bound(source: Any, decoded: np.ndarray, encoding: str, bound: float, where: str) -> None:
+    """Raise when a lossy encoding misses the bound the manifest states (e.g. int8 on massive activations)."""
+    if encoding == "bf16":
+        return
+    worst = min_cosine(source, decoded)
+    if worst < bound:
+        raise EncodingBoundError(
+            f"{where}: {encoding} features reach cosine {worst:.5f} < the stated {bound}; these features have "
+            "outliers this encoding cannot keep: use fp8_e4m3 or bf16"
+        )
 
 
 def decode_features(payload: np.ndarray, scales: np.ndarray | None, encoding: str) -> np.ndarray:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.encoding import decode_features, encode_features
+from schemas import FeatureEncoding
+from pipeline.encoding import check_lossy_bound, decode_features, encode_features
 
 
 @dataclass
@@ -67,10 +68,15 @@ def stored_positions(prompt_len: int, answer_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len + answer_len - 1)
 
 
-def roundtrip(features: torch.Tensor, encoding: str) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
-    """(stored payload, scales, float32 features exactly as a reader will decode them)."""
-    payload, scales = encode_features(features, encoding)
-    return payload, scales, torch.from_numpy(decode_features(payload, scales, encoding))
+def roundtrip(features: torch.Tensor, encoding: FeatureEncoding, where: str) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
+    """(stored payload, scales, float32 features exactly as a reader will decode them).
+
+    A lossy encoding that misses the manifest's stated cosine bound raises (see check_lossy_bound).
+    """
+    payload, scales = encode_features(features, encoding.encoding)
+    decoded = decode_features(payload, scales, encoding.encoding)
+    check_lossy_bound(features, decoded, encoding.encoding, encoding.min_cosine, where)
+    return payload, scales, torch.from_numpy(decoded)
 
 
 def wants_question_features(sample_id: str, fraction: float) -> bool:

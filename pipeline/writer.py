@@ -39,7 +39,7 @@ from schemas import (
     read_manifest,
 )
 from pipeline import __version__
-from pipeline.encoding import encode_features
+from pipeline.encoding import check_lossy_bound, decode_features, encode_features
 from pipeline.fsutil import create_exclusive, fsync_dir, fsync_tree
 from pipeline.layout import committed_shards, load_index
 from pipeline.shard_io import write_shard
@@ -84,15 +84,12 @@ class CacheWriter:
         (self.root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         self.manifest = ensure_manifest(self.root, manifest)
         self._lock_fd = _acquire_lock(self.root, writer_id)
-        _remove_own_tmp(self.root, writer_id)
-        self.done_ids: set[str] = set()
-        seqs = [0]
-        for name in committed_shards(self.root):
-            index = load_index(self.root, name, self.manifest)
-            self.done_ids.update(index.sample_ids, index.rejected_ids)
-            if index.writer_id == writer_id:
-                seqs.append(int(name.split("-")[1]))
-        self._next_seq = max(seqs) + 1
+        try:
+            _remove_own_tmp(self.root, writer_id)
+            self.done_ids, self._next_seq = self._scan_committed()
+        except BaseException:
+            os.close(self._lock_fd)  # a bad index must not leave the lock held in this process
+            raise
         self._arrays: dict[str, list[np.ndarray]] = {}
         self._samples: list[dict] = []
         self._rejects: list[dict] = []
@@ -101,6 +98,16 @@ class CacheWriter:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="cache-writer") if background else None
         self._pending: Future | None = None
         self.committed: list[str] = []
+
+    def _scan_committed(self) -> tuple[set[str], int]:
+        """(ids stored or rejected by any committed shard, this writer's next shard number)."""
+        done, seqs = set(), [0]
+        for name in committed_shards(self.root):
+            index = load_index(self.root, name, self.manifest)
+            done.update(index.sample_ids, index.rejected_ids)
+            if index.writer_id == self.writer_id:
+                seqs.append(int(name.split("-")[1]))
+        return done, max(seqs) + 1
 
     # -- adding ------------------------------------------------------------------------
     def add(self, sample: TeacherSample) -> None:
@@ -150,7 +157,7 @@ class CacheWriter:
         if target_ids.min() < 0 or target_ids.max() >= m.teacher.vocab_size:
             raise ValueError(f"{where}: target ids outside [0, {m.teacher.vocab_size})")
         out = {"target_ids": target_ids.astype(np.int32)}
-        feats, scales = _encode(s.features, s.feature_scales, m.features.encoding)
+        feats, scales = self._encode(where, s.features, s.feature_scales)
         _expect_shape(where, "features", feats, (n, d))
         out["features"] = feats
         out["logsumexp"] = _vector(where, "logsumexp", s.logsumexp, n, np.float32)
@@ -163,12 +170,23 @@ class CacheWriter:
             out["topk_logprobs"] = _matrix(where, "topk_logprobs", s.topk_logprobs, (n, k), m.topk.logprob_dtype)
             out["tail_logmass"] = _vector(where, "tail_logmass", s.tail_logmass, n, np.float32)
         qf = s.question_features if s.question_features is not None else np.zeros((0, d), np.float32)
-        qfeats, qscales = _encode(qf, s.question_feature_scales, m.features.encoding)
+        qfeats, qscales = self._encode(f"{where} (question features)", qf, s.question_feature_scales)
         _expect_shape(where, "question_features", qfeats, (len(qfeats), d))
         out["question_features"] = qfeats
         if qscales is not None:
             out["question_feature_scales"] = _vector(where, "question_feature_scales", qscales, len(qfeats), np.float32)
         return out
+
+    def _encode(self, where: str, features: Any, scales: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Encode raw features (checking a lossy encoding's stated bound), or pass through an encoded payload."""
+        encoding = self.manifest.features
+        if scales is not None:  # encoded (and checked) by the caller
+            return np.ascontiguousarray(features), np.asarray(scales, dtype=np.float32).reshape(-1)
+        payload, scales = encode_features(features, encoding.encoding)
+        if scales is not None:
+            decoded = decode_features(payload, scales, encoding.encoding)
+            check_lossy_bound(features, decoded, encoding.encoding, encoding.min_cosine, where)
+        return payload, scales
 
     # -- committing --------------------------------------------------------------------
     def flush(self) -> None:
@@ -290,13 +308,6 @@ def _remove_own_tmp(root: Path, writer_id: str) -> None:
     """Delete temporary shard folders this writer id left behind when it was killed."""
     for tmp in (root / SHARDS_DIR).glob(f"{TMP_PREFIX}{writer_id}-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _encode(features: Any, scales: Any, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Encode raw features, or pass through a payload that arrives with its scales."""
-    if scales is None:
-        return encode_features(features, encoding)
-    return np.ascontiguousarray(features), np.asarray(scales, dtype=np.float32).reshape(-1)
 
 
 def _expect_shape(where: str, name: str, arr: np.ndarray, shape: tuple) -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from schemas import CacheMismatchError
+from pipeline.encoding import EncodingBoundError
 from pipeline.reader import CacheReader
 from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
 from pipeline.writer import CacheWriter
@@ -178,3 +179,16 @@ def test_background_and_foreground_commits_write_the_same_arrays(tmp_path):
     for sid in ids:
         a, b = fg.get(sid), bg.get(sid)
         assert np.array_equal(a.features, b.features) and np.array_equal(a.topk_logprobs, b.topk_logprobs)
+
+
+def test_int8_refuses_features_whose_outliers_break_its_bound(tmp_path):
+    # d=8192 LLM-like features: a few 30x channels set the absmax scale and squash the rest
+    manifest = synthetic_manifest(hidden_size=8192, vocab_size=64, k=4, encoding="int8")
+    teacher = SyntheticTeacher(8192, 64, seed=0)
+    with CacheWriter(tmp_path, manifest, "w0") as writer:
+        with pytest.raises(EncodingBoundError, match=r"sample 'outliers': int8 features reach cosine 0\.9\d+ < the stated 0\.999"):
+            writer.add(teacher.sample("outliers", 8, manifest.topk.k))
+    fp8 = synthetic_manifest(hidden_size=8192, vocab_size=64, k=4, encoding="fp8_e4m3")
+    with CacheWriter(tmp_path / "fp8", fp8, "w0") as writer:
+        writer.add(teacher.sample("outliers", 8, fp8.topk.k))  # fp8 keeps the bound on the same features
+    assert CacheReader(tmp_path / "fp8").sample_ids == ["outliers"]
