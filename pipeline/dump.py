@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -63,19 +64,27 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
         if backend == "hf":
             generator = make_generator(cfg, "hf", teacher.vlm.path, teacher)
             generate_responses(cfg, teacher.processor, _usable(todo), log, generator, progress)
-        start = time.perf_counter()
-        feature_pass = FeaturePass(cfg, teacher, writer.manifest)
-        bar = _bar(len(todo), progress)
-        for window in _windows(todo, cfg.window):
-            ready = []
-            for sample in window:
-                item = _prepare(cfg, teacher, sample, log)
-                if isinstance(item, BadSample):
-                    writer.reject(item.sample_id, item.stage, item.reason, item.source)
-                    stats.rejected += 1
-                    stats.reject_reasons[item.stage] = stats.reject_reasons.get(item.stage, 0) + 1
-                else:
-                    ready.append(item)
+        _feature_phase(cfg, teacher, writer, todo, log, stats, progress)
+    return stats
+
+
+def _feature_phase(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, log, stats: DumpStats, progress: bool):
+    """Forward passes over windows of samples; the next window is prepared (images, templates,
+    processor) in a thread while the current one runs, and shards are committed in the writer's thread."""
+    start = time.perf_counter()
+    feature_pass = FeaturePass(cfg, teacher, writer.manifest)
+    windows = list(_windows(todo, cfg.window))
+    bar = _bar(len(todo), progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        pending = pool.submit(_prepare_window, cfg, teacher, windows[0], log) if windows else None
+        for i, window in enumerate(windows):
+            ready, bad = pending.result()
+            if i + 1 < len(windows):
+                pending = pool.submit(_prepare_window, cfg, teacher, windows[i + 1], log)
+            for item in bad:
+                writer.reject(item.sample_id, item.stage, item.reason, item.source)
+                stats.rejected += 1
+                stats.reject_reasons[item.stage] = stats.reject_reasons.get(item.stage, 0) + 1
             for batch in pack_batches(ready, cfg.max_batch_tokens):
                 for teacher_sample in feature_pass.run(batch, stats):
                     writer.add(teacher_sample)
@@ -83,12 +92,19 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
             if bar is not None:
                 bar.update(len(window))
                 bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - start):.0f}", rejected=stats.rejected)
-        if bar is not None:
-            bar.close()
-        writer.flush()
-        writer.wait()  # the last shard is committed inside the measured time
-        stats.wall_seconds = time.perf_counter() - start
-    return stats
+    if bar is not None:
+        bar.close()
+    writer.flush()
+    writer.wait()  # the last shard is committed inside the measured time
+    stats.wall_seconds = time.perf_counter() - start
+
+
+def _prepare_window(cfg: DumpConfig, teacher, window: list, log) -> tuple[list, list[BadSample]]:
+    ready, bad = [], []
+    for sample in window:
+        item = _prepare(cfg, teacher, sample, log)
+        (bad if isinstance(item, BadSample) else ready).append(item)
+    return ready, bad
 
 
 def _generate_with_vllm(cfg: DumpConfig, samples: list, log: ResponseLog, progress: bool) -> None:
