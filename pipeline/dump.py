@@ -178,7 +178,10 @@ def _my_slice(cfg: DumpConfig):
 
 
 def _windows(items: list, size: int):
-    for i in range(0, len(items), size):
+    """A small first window (so the model starts early), then windows of `size`."""
+    first = min(8, size)
+    yield from ([items[:first]] if items else [])
+    for i in range(first, len(items), size):
         yield items[i : i + size]
 
 

@@ -10,6 +10,7 @@ from pipeline.dump import dump_teacher
 from pipeline.dump_setup import DumpConfig
 from pipeline.models import load_vlm
 from pipeline.reader import CacheReader
+from pipeline.responses import GenerationSettings
 from pipeline.teacher_files import load_teacher_head
 from pipeline.verify import verify_cache
 
@@ -110,7 +111,7 @@ def test_generated_responses_are_recorded_and_filtered(tmp_path, tiny_vlm_dir):
     stats = dump(
         model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate", backend="hf",
         keep_if_correct=True, on_incorrect="reference",
-        generation=__import__("pipeline.responses", fromlist=["x"]).GenerationSettings(max_new_tokens=5),
+        generation=GenerationSettings(max_new_tokens=5),
     )
     reader = CacheReader(tmp_path / "c")
     manifest = reader.manifest
@@ -119,3 +120,21 @@ def test_generated_responses_are_recorded_and_filtered(tmp_path, tiny_vlm_dir):
     log = [json.loads(line) for line in (tmp_path / "c" / "responses" / "w00000.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all("response" in r for r in log)
     assert stats.written == 6  # disagreeing answers fell back to the reference
+
+
+@pytest.mark.parametrize(
+    "keep, on_incorrect, record, reference, expected",
+    [
+        (False, "reference", {"response": "a square"}, "circle", ("a square", None)),
+        (True, "reference", {"response": "It is a circle."}, "circle", ("It is a circle.", None)),
+        (True, "reference", {"response": "a square"}, "circle", ("circle", None)),
+        (True, "reject", {"response": "a square"}, "circle", (None, "generated answer disagrees with the reference 'circle'")),
+        (True, "reject", {"error": "image: cannot decode x.png"}, "circle", (None, "image: cannot decode x.png")),
+        (True, "reject", None, "circle", (None, "no generated response (the generation phase did not reach it)")),
+    ],
+)
+def test_choose_answer(keep, on_incorrect, record, reference, expected):
+    from pipeline.dump import choose_answer
+
+    cfg = DumpConfig(model="m", data="d", out="o", keep_if_correct=keep, on_incorrect=on_incorrect)
+    assert choose_answer(cfg, record, reference) == expected
