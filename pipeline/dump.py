@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.data import BadSample, DataSample, ImageError, read_samples
+from pipeline.images import store_image
 from pipeline.dump_batches import FeaturePass, pack_batches
 from pipeline.dump_generate import ResponseLog, generate_responses, make_generator
 from pipeline.dump_setup import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
@@ -138,6 +139,8 @@ def _prepare(cfg: DumpConfig, teacher, sample, responses: ResponseLog | None):
         images = [spec.load() for spec in sample.images]
     except ImageError as err:
         return bad("image", str(err))
+    for spec, image in zip(sample.images, images):
+        store_image(cfg.out, spec.ref, image)  # in-memory images travel with the cache
     answer = sample.answer
     if responses is not None:
         answer, problem = choose_answer(cfg, responses.get(sample.sample_id), sample.answer)

@@ -115,3 +115,40 @@ def pil_image(img: Image.Image) -> ImageSpec:
     img.save(buf, format="PNG")
     ref = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
     return ImageSpec(ref, partial(_load_pil, img))
+
+
+CACHE_IMAGES_DIR = "images"
+
+
+def cached_image_path(cache_dir: str | os.PathLike, ref: str) -> Path:
+    """Where a `sha256:` image lives in a cache: images/<2 hex>/<64 hex>.png."""
+    digest = ref.removeprefix("sha256:")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ImageError(f"malformed image reference {ref!r}")
+    return Path(cache_dir) / CACHE_IMAGES_DIR / digest[:2] / f"{digest}.png"
+
+
+def store_image(cache_dir: str | os.PathLike, ref: str, image: Image.Image) -> None:
+    """Keep the pixels of an in-memory image in the cache (PNG, lossless), so a student run
+    that has no access to the original data set can still open it. Atomic and idempotent."""
+    if not ref.startswith("sha256:"):
+        return
+    path = cached_image_path(cache_dir, ref)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(3).hex()}.png")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def open_image_ref(ref: str, cache_dir: str | os.PathLike | None, image_root: str | None) -> Image.Image:
+    """Open an image reference from a cache's sample table: `path:` under image_root, `sha256:` from the cache."""
+    if ref.startswith("path:"):
+        return _load_path(image_root, ref[len("path:"):])
+    if ref.startswith("sha256:"):
+        if cache_dir is None:
+            raise ImageError(f"image {ref} is stored in a cache, but no cache folder was given")
+        path = cached_image_path(cache_dir, ref)
+        return _decode(path, str(path))
+    raise ImageError(f"unknown image reference {ref!r} (expected path:... or sha256:...)")

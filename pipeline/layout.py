@@ -7,6 +7,8 @@
       shards/<writer>-<seq>-<rand>/ committed shards (zarr group + index.json + Parquet)
       shards/.tmp-<writer>-<rand>/  a shard being written: ignored by readers
       locks/<writer>.lock           held (flock) while a writer runs
+      images/<2 hex>/<sha256>.png   pixels of in-memory images (sample-table refs "sha256:<hex>")
+      responses/<writer>.jsonl      teacher-written answers of a --responses generate dump
 """
 
 from __future__ import annotations

@@ -138,3 +138,23 @@ def test_choose_answer(keep, on_incorrect, record, reference, expected):
 
     cfg = DumpConfig(model="m", data="d", out="o", keep_if_correct=keep, on_incorrect=on_incorrect)
     assert choose_answer(cfg, record, reference) == expected
+
+
+def test_in_memory_images_travel_with_the_cache(tmp_path, tiny_vlm_dir, tiny_image):
+    import io
+
+    import datasets
+
+    from pipeline.images import open_image_ref
+
+    buf = io.BytesIO()
+    tiny_image.save(buf, format="PNG")
+    rows = [{"messages": [{"role": "user", "content": "<image>What shape?"}, {"role": "assistant", "content": "circle"}],
+             "images": [{"bytes": buf.getvalue(), "path": None}]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", data=str(tmp_path / "d.parquet"), top_k=4)
+    reader = CacheReader(tmp_path / "c")
+    (ref,) = reader.sample_meta(reader.sample_ids[0])["images"]
+    assert ref.startswith("sha256:")
+    image = open_image_ref(ref, tmp_path / "c", None)
+    assert image.tobytes() == tiny_image.convert("RGB").tobytes()
