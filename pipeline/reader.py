@@ -95,6 +95,7 @@ class CacheReader:
                 stacklevel=2,
             )
         self._open: OrderedDict[str, tuple[dict, np.ndarray, np.ndarray]] = OrderedDict()
+        self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # sample tables of recently used shards
 
     # -- sizes and ids ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -181,7 +182,11 @@ class CacheReader:
     def sample_meta(self, sample_id: str) -> dict:
         """The sample-table row of one sample, with `messages` parsed from JSON."""
         name, row = self._locations[sample_id]
-        row_dict = read_table(shard_dir(self.root, name) / SAMPLES_FILE).slice(row, 1).to_pylist()[0]
+        if name not in self._tables:
+            self._tables[name] = read_table(shard_dir(self.root, name) / SAMPLES_FILE)
+            if len(self._tables) > self.max_open_shards:
+                self._tables.popitem(last=False)
+        row_dict = self._tables[name].slice(row, 1).to_pylist()[0]
         row_dict["messages"] = json.loads(row_dict["messages"])
         return row_dict
 
@@ -191,6 +196,7 @@ class CacheReader:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()  # zarr handles are per process
+        state["_tables"] = OrderedDict()
         return state
 
 

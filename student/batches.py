@@ -1,0 +1,109 @@
+"""Cache samples -> student inputs: the student's own processor and chat template build its
+prompt and answer; the cache supplies the teacher's side (features, targets, top-k).
+
+    data = CacheStudentData("cache/", student_processor, student_end_of_turn)
+    loader = DataLoader(data, batch_sampler=LengthGroupedSampler(data.lengths, 8), collate_fn=data.collate)
+
+The teacher's and the student's token sequences never need aligning: the student's answer
+ids (its own targets) come from its tokenizer, the teacher's from the cache.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data import image_root_for
+from pipeline.images import open_image_ref
+from pipeline.prompting import EncodedSample, collate, encode_sample
+from pipeline.reader import CacheReader
+from student.losses import TopKTarget
+
+
+@dataclass
+class StudentItem:
+    sample_id: str
+    student: EncodedSample  # student prompt inputs + the student's answer ids (gt_s)
+    teacher_features: torch.Tensor  # z_al [n, d_l] float32: last prompt position + answer but its last token
+    teacher_targets: torch.Tensor  # gt_l [n]
+    teacher_topk: TopKTarget | None
+    teacher_question: torch.Tensor | None  # z_ql [q, d_l] float32, for the samples that have it
+
+
+@dataclass
+class StudentBatch:
+    inputs: dict  # right-padded student prompt + answer (collate of pipeline.prompting)
+    items: list[StudentItem]
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return [item.student.prompt_len for item in self.items]
+
+
+class CacheStudentData(torch.utils.data.Dataset):
+    """Map-style dataset over a cache's committed samples, encoded for one student."""
+
+    def __init__(self, cache_dir, processor, end_of_turn, pad_id: int, image_root: str | None = None, sample_ids=None):
+        self.reader = CacheReader(cache_dir)
+        self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
+        data = self.reader.manifest.data
+        self.image_root = image_root or data.image_root or _builtin_root(data.source)
+        self.sample_ids = list(sample_ids) if sample_ids is not None else self.reader.sample_ids
+        self.lengths = [self.reader.num_tokens(sid) for sid in self.sample_ids]  # teacher answer lengths, for grouping
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, i: int) -> StudentItem:
+        sid = self.sample_ids[i]
+        cached, meta = self.reader.get(sid), self.reader.sample_meta(sid)
+        images = [open_image_ref(ref, self.reader.root, self.image_root) for ref in meta["images"]]
+        encoded = encode_sample(self.processor, sid, meta["messages"], images, meta["answer"], self.end_of_turn)
+        topk = None
+        if cached.topk_ids is not None:
+            topk = TopKTarget(torch.from_numpy(cached.topk_ids), torch.from_numpy(cached.topk_logprobs.astype("float32")),
+                              torch.from_numpy(cached.tail_logmass))
+        question = cached.question_features_float32()
+        return StudentItem(
+            sample_id=sid,
+            student=encoded,
+            teacher_features=torch.from_numpy(cached.features_float32()),
+            teacher_targets=torch.from_numpy(cached.target_ids.astype("int64")),
+            teacher_topk=topk,
+            teacher_question=None if question is None else torch.from_numpy(question),
+        )
+
+    def collate(self, items: list[StudentItem]) -> StudentBatch:
+        return StudentBatch(collate([item.student for item in items], self.pad_id), items)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of similar length (less padding), in a shuffled order that a seed and an epoch fix."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, group: int = 50):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group
+        self.epoch = 0
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        chunk = self.batch_size * self.group
+        out = []
+        for start in range(0, len(order), chunk):
+            block = sorted(order[start : start + chunk], key=lambda i: self.lengths[i])
+            out += [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        rng.shuffle(out)
+        return out
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+def _builtin_root(source: str) -> str | None:
+    return image_root_for(source) if source.startswith("easy-vqa") else None
