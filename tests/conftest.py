@@ -39,3 +39,4 @@ def small_cache(tmp_path, teacher):
 
 
 from tests.tiny_fixtures import tiny_image, tiny_vlm, tiny_vlm_dir  # noqa: E402,F401  (session-built tiny VLMs)
+from tests.student_fixtures import pair_cache, pair_student  # noqa: E402,F401  (teacher/student pair + cache)
