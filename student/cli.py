@@ -1,6 +1,14 @@
-"""`student`: the trainer side. Commands land here as they are built (train, eval, export)."""
+"""`student`: the trainer side. Each command parses its options and calls one function.
+
+    student train --cache cache/ --student llava-folder --out runs/a --stage 1 --steps 500
+    student train --cache cache/ --student llava-folder --out runs/a --stage 2 --steps 500
+    student train --cache cache/ --student llava-folder --out runs/a --stage 3 --steps 500
+    student train ... --resume        # continue a stopped stage from its last checkpoint
+"""
 
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -11,6 +19,44 @@ from pipeline import __version__
 @click.version_option(__version__, prog_name="genrecal")
 def main() -> None:
     """Train small VLMs against a teacher cache (GenRecal)."""
+
+
+@main.command("train")
+@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
+@click.option("--student", required=True, help="Student (stage 1): alias, hub id or folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; stage N writes OUT/stageN.")
+@click.option("--stage", required=True, type=click.IntRange(1, 3))
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-end", type=float, default=1e-5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher-distribution", type=click.Choice(["exact", "topk"]), default="exact", show_default=True)
+@click.option("--no-regularizer", is_flag=True, help="Skip Alg. 2 (for ablations).")
+@click.option("--rec-depth", type=int, default=2, show_default=True)
+@click.option("--rec-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
+@click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end).")
+@click.option("--image-root", default=None, help="Override the cache's image root.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
+@click.option("--progress/--no-progress", default=True)
+def train_command(teacher_distribution, no_regularizer, resume, progress, **options):
+    """Train one GenRecal stage against CACHE."""
+    from student.stages import train_stage
+    from student.step import LossConfig
+    from student.train_setup import TrainConfig
+
+    loss = LossConfig(teacher_distribution=teacher_distribution, regularizer=not no_regularizer)
+    cfg = TrainConfig(loss=loss, **options)
+    try:
+        metrics = train_stage(cfg, resume=resume, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    if metrics:
+        last = metrics[-1]
+        click.echo(f"stage {cfg.stage}: {last['step']} steps, last loss {last['total']:.4f}; wrote {cfg.out}/stage{cfg.stage}")
 
 
 if __name__ == "__main__":
