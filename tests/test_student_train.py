@@ -71,3 +71,19 @@ def test_missing_teacher_head_fails_before_training(tmp_path, pair_cache, pair_s
     with pytest.raises(Exception, match="teacher head is missing"):
         train_stage(config(cache, pair_student, tmp_path / "run", 1), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_internvl_teacher_to_qwen2_vl_student_with_other_vocabulary(tmp_path, tiny_vlm_dir):
+    from pipeline.dump import dump_teacher
+    from pipeline.dump_setup import DumpConfig
+    from pipeline.reader import CacheReader
+
+    cache = tmp_path / "cache"
+    dump_teacher(DumpConfig(model=str(tiny_vlm_dir("internvl-tiny", "qwen2")), data="easy-vqa:train", out=str(cache),
+                            limit=6, top_k=8, question_features_fraction=0.5), progress=False)
+    student = load_vlm(tiny_vlm_dir("qwen2-vl-tiny", "tiny-bpe"))  # M-RoPE student, 512-token vocabulary
+    assert CacheReader(cache).manifest.teacher.vocab_size > 150_000 > student.model.config.get_text_config().vocab_size
+    for stage in (1, 2, 3):
+        metrics = train_stage(config(cache, student, tmp_path / "run", stage, steps=2, batch_size=3), progress=False)
+        assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["total"])) for m in metrics)
+    assert load_vlm(tmp_path / "run" / "stage3").family == "qwen2_vl"
