@@ -87,3 +87,23 @@ def test_internvl_teacher_to_qwen2_vl_student_with_other_vocabulary(tmp_path, ti
         metrics = train_stage(config(cache, student, tmp_path / "run", stage, steps=2, batch_size=3), progress=False)
         assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["total"])) for m in metrics)
     assert load_vlm(tmp_path / "run" / "stage3").family == "qwen2_vl"
+
+
+def test_resume_against_another_cache_or_a_mismatched_head_fails_before_training(tmp_path, pair_cache, pair_student):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    train_stage(config(pair_cache, pair_student, tmp_path / "run", 1, steps=3), progress=False, stop_after=1)
+    other = tmp_path / "other"
+    shutil.copytree(pair_cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["teacher"]["model"] = "another-teacher"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the cache this run started with"):
+        train_stage(config(other, pair_student, tmp_path / "run", 1, steps=3), resume=True, progress=False)
+    head = load_file(str(pair_cache / "teacher" / "head.safetensors"))["weight"]
+    save_file({"weight": head[:1000].contiguous()}, str(other / "teacher" / "head.safetensors"))
+    with pytest.raises(Exception, match=r"head weight has shape \(1000, 128\), manifest says \(\d+, 128\)"):
+        train_stage(config(other, pair_student, tmp_path / "fresh", 1), progress=False)
+    assert not (tmp_path / "fresh").exists()
