@@ -36,6 +36,7 @@ def main() -> None:
 @click.option("--no-regularizer", is_flag=True, help="Skip Alg. 2 (for ablations).")
 @click.option("--rec-depth", type=int, default=2, show_default=True)
 @click.option("--rec-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end).")
 @click.option("--image-root", default=None, help="Override the cache's image root.")
 @click.option("--device", default="auto", show_default=True)

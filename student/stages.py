@@ -66,7 +66,7 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         step = state["step"]
-    batches = _batch_order(data, cfg)
+    batches = _loader(data, cfg, first=step * cfg.grad_accum)
     student.train()
     metrics, bar = [], _bar(cfg, step, progress)
     while step < cfg.steps and (stop_after is None or len(metrics) < stop_after):
@@ -89,13 +89,13 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
 
 
 def _optimizer_step(cfg, student, rec, head, data, batches, step, optimizer, params) -> dict:
+    """One optimizer step over `grad_accum` micro-batches drawn from the `batches` iterator."""
     totals: dict[str, float] = {}
     wait, start, tokens = 0.0, time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
         t0 = time.perf_counter()
-        indices = batches[(step * cfg.grad_accum + micro) % len(batches)]
-        batch = data.collate([data[i] for i in indices])
+        batch = next(batches)  # time blocked here is the loader-wait share
         batch.inputs = {k: v.to(student.device) for k, v in batch.inputs.items()}
         wait += time.perf_counter() - t0
         tokens += int(batch.inputs["attention_mask"].sum())
@@ -171,6 +171,18 @@ def _cache_identity(reader: CacheReader) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(reader.manifest.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loader(data: CacheStudentData, cfg: TrainConfig, first: int):
+    """Iterator over the stage's micro-batches from number `first` on (a resumed run skips what was done).
+
+    With num_workers > 0, worker processes read the cache and run the student's processor."""
+    order = _batch_order(data, cfg)[first:]
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+    return iter(loader)
 
 
 def _batch_order(data: CacheStudentData, cfg: TrainConfig) -> list[list[int]]:

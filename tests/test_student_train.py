@@ -49,7 +49,8 @@ def test_three_stages_end_to_end(tmp_path, pair_cache, pair_student):
 
 
 def test_resume_continues_with_the_same_losses(tmp_path, pair_cache, pair_student):
-    whole = train_stage(config(pair_cache, pair_student, tmp_path / "whole", 1, steps=4), progress=False)
+    # the uninterrupted run loads with 2 worker processes, the split one in-process: same batches either way
+    whole = train_stage(config(pair_cache, pair_student, tmp_path / "whole", 1, steps=4, num_workers=2), progress=False)
     first = train_stage(config(pair_cache, pair_student, tmp_path / "split", 1, steps=4), progress=False, stop_after=2)
     rest = train_stage(config(pair_cache, pair_student, tmp_path / "split", 1, steps=4), resume=True, progress=False)
     assert [m["step"] for m in first + rest] == [1, 2, 3, 4]
