@@ -24,6 +24,7 @@ from pipeline.features import TeacherHead
 from pipeline.models import body_forward, end_of_turn_ids, load_vlm, save_processor
 from pipeline.reader import CacheReader
 from pipeline.teacher_files import load_teacher_head
+from student import distributed
 from student.batches import CacheStudentData, LengthGroupedSampler
 from student.recalibrator import Recalibrator
 from student.recalibrator_io import load_recalibrator, save_recalibrator
@@ -42,8 +43,16 @@ from student.train_setup import (
 )
 
 
+STAGE_TERMS = {
+    1: ("ce", "kl", "reg_ce", "reg_kl", "total"),
+    2: ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total"),
+    3: ("student_ce", "total"),
+}
+
+
 def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
     """Run (or resume) one stage; returns the per-step metrics of this call. `stop_after` ends early (tests)."""
+    rank, world = distributed.setup()
     out = stage_dir(cfg)
     state = _load_state(out, cfg) if resume else None
     device = _device(cfg.device)
@@ -66,31 +75,36 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         step = state["step"]
-    batches = _loader(data, cfg, first=step * cfg.grad_accum)
+    batches = _loader(data, cfg, first=step * cfg.grad_accum * world, rank=rank, world=world)
     student.train()
-    metrics, bar = [], _bar(cfg, step, progress)
+    metrics, bar = [], _bar(cfg, step, progress and rank == 0)
     while step < cfg.steps and (stop_after is None or len(metrics) < stop_after):
         record = _optimizer_step(cfg, student, rec, head, data, batches, step, optimizer, params)
         schedule.step()
         step += 1
         record["step"] = step
         metrics.append(record)
-        _append_metrics(out, record)
+        if rank == 0:
+            _append_metrics(out, record)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['total']:.3f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or len(metrics) == stop_after:
-            _checkpoint(cfg, vlm, rec, optimizer, schedule, step, reader)
+            if rank == 0:
+                _checkpoint(cfg, vlm, rec, optimizer, schedule, step, reader)
+            distributed.barrier()
     if bar is not None:
         bar.close()
-    if step == cfg.steps:
+    if step == cfg.steps and rank == 0:
         write_json(out / FINISHED_FILE, {"step": step})
     return metrics
 
 
 def _optimizer_step(cfg, student, rec, head, data, batches, step, optimizer, params) -> dict:
     """One optimizer step over `grad_accum` micro-batches drawn from the `batches` iterator."""
-    totals: dict[str, float] = {}
+    # a fixed set of terms (0 where a micro-batch has none, e.g. no question features), so that
+    # accumulation and the mean over ranks agree
+    totals = dict.fromkeys(STAGE_TERMS[cfg.stage], 0.0)
     wait, start, tokens = 0.0, time.perf_counter(), 0
     optimizer.zero_grad(set_to_none=True)
     for micro in range(cfg.grad_accum):
@@ -107,12 +121,13 @@ def _optimizer_step(cfg, student, rec, head, data, batches, step, optimizer, par
             terms = genrecal_losses(student, rec, head, batch, cfg.stage, cfg.loss)
         (terms["total"] / cfg.grad_accum).backward()
         for name, value in terms.items():
-            totals[name] = totals.get(name, 0.0) + value.item() / cfg.grad_accum
+            totals[name] += value.item() / cfg.grad_accum
+    distributed.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     elapsed = time.perf_counter() - start
     return {
-        **totals,
+        **distributed.mean_over_ranks(totals),
         "lr": optimizer.param_groups[0]["lr"],
         "tokens_per_s": tokens / elapsed,
         "loader_wait_share": wait / elapsed,
@@ -173,11 +188,11 @@ def _cache_identity(reader: CacheReader) -> str:
     return hashlib.sha256(json.dumps(reader.manifest.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _loader(data: CacheStudentData, cfg: TrainConfig, first: int):
-    """Iterator over the stage's micro-batches from number `first` on (a resumed run skips what was done).
-
-    With num_workers > 0, worker processes read the cache and run the student's processor."""
-    order = _batch_order(data, cfg)[first:]
+def _loader(data: CacheStudentData, cfg: TrainConfig, first: int, rank: int = 0, world: int = 1):
+    """Iterator over this rank's micro-batches from global micro-batch `first` on (a resumed run skips
+    what was done; rank r of W takes every W-th). With num_workers > 0, worker processes read the cache
+    and run the student's processor."""
+    order = _batch_order(data, cfg, world)[first:][rank::world]
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
         prefetch_factor=4 if cfg.num_workers else None,
@@ -185,10 +200,10 @@ def _loader(data: CacheStudentData, cfg: TrainConfig, first: int):
     return iter(loader)
 
 
-def _batch_order(data: CacheStudentData, cfg: TrainConfig) -> list[list[int]]:
-    """Enough length-grouped batches for the whole stage, epoch after epoch, fixed by the seed."""
+def _batch_order(data: CacheStudentData, cfg: TrainConfig, world: int = 1) -> list[list[int]]:
+    """Enough length-grouped batches for the whole stage on all ranks, epoch after epoch, fixed by the seed."""
     sampler = LengthGroupedSampler(data.lengths, cfg.batch_size, seed=cfg.seed)
-    order, needed = [], cfg.steps * cfg.grad_accum
+    order, needed = [], cfg.steps * cfg.grad_accum * world
     while len(order) < needed:
         order += sampler.batches()
         sampler.epoch += 1

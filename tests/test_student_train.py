@@ -108,3 +108,26 @@ def test_resume_against_another_cache_or_a_mismatched_head_fails_before_training
     with pytest.raises(Exception, match=r"head weight has shape \(1000, 128\), manifest says \(\d+, 128\)"):
         train_stage(config(other, pair_student, tmp_path / "fresh", 1), progress=False)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_two_process_torchrun_matches_one_process_on_the_same_global_batch(tmp_path, pair_cache, pair_student):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    common = ["--cache", str(pair_cache), "--student", str(pair_student.path), "--stage", "1", "--steps", "3",
+              "--batch-size", "2", "--lr", "1e-3", "--lr-end", "1e-4", "--num-workers", "0", "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "student.cli", "train", "--out", str(tmp_path / "ddp"), "--grad-accum", "1", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=600)
+    single = train_stage(config(pair_cache, pair_student, tmp_path / "one", 1, steps=3, batch_size=2, grad_accum=2),
+                         progress=False)
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ddp] == [1, 2, 3]
+    for a, b in zip(single, ddp):
+        for term in ("ce", "kl", "reg_ce", "reg_kl", "total"):
+            if term in a:
+                assert a[term] == pytest.approx(b[term], rel=1e-4), (term, a[term], b[term])
