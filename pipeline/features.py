@@ -19,6 +19,7 @@ import torch
 
 from schemas import FeatureEncoding
 from pipeline.encoding import check_lossy_bound, decode_features, encode_features
+from pipeline.models import scale_and_cap
 
 
 @dataclass
@@ -33,11 +34,7 @@ class TeacherHead:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, vocab] for features [T, d] (matmul in the head's dtype, like the model's lm_head)."""
         x = torch.nn.functional.linear(features.to(self.weight.dtype), self.weight, self.bias).float()
-        if self.logit_scale != 1.0:
-            x = x * self.logit_scale
-        if self.softcap:
-            x = torch.tanh(x / self.softcap) * self.softcap
-        return x
+        return scale_and_cap(x, self.logit_scale, self.softcap)
 
 
 def head_statistics(head: TeacherHead, features: torch.Tensor, k: int, chunk_tokens: int = 256) -> dict[str, torch.Tensor]:

@@ -311,10 +311,14 @@ def lm_head_and_scaling(model) -> tuple[torch.nn.Module, float, float | None]:
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states, with the family's scale and soft-cap (== model(...).logits)."""
     head, scale, softcap = lm_head_and_scaling(model)
-    logits = head(hidden)
+    return scale_and_cap(head(hidden), scale, softcap)
+
+
+def scale_and_cap(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """The family's logit scaling, then its tanh soft-cap (the order the families apply them in)."""
     if scale != 1.0:
         logits = logits * scale
-    if softcap is not None:
+    if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
 
