@@ -61,11 +61,11 @@ def pair(workdir: Path):
 
 def step_times(cache: Path, student_dir: Path, repeats: int = 8) -> dict:
     from pipeline.features import TeacherHead
-    from pipeline.models import body_forward, end_of_turn_ids, load_vlm
+    from pipeline.models import end_of_turn_ids, load_vlm
     from pipeline.teacher_files import load_teacher_head
     from student.batches import CacheStudentData
     from student.recalibrator import Recalibrator
-    from student.step import LossConfig, genrecal_losses, student_ce
+    from student.step import LossConfig, genrecal_losses, student_ce, student_forward
 
     vlm = load_vlm(student_dir)
     data = CacheStudentData(cache, vlm.processor, end_of_turn_ids(vlm.tokenizer, vlm.processor.chat_template),
@@ -79,7 +79,7 @@ def step_times(cache: Path, student_dir: Path, repeats: int = 8) -> dict:
         genrecal_losses(vlm.model, rec, head, batch, 2, LossConfig())["total"].backward()
 
     def sft():
-        student_ce(vlm.model, body_forward(vlm.model, **batch.inputs), batch).backward()
+        student_ce(student_forward(vlm.model, batch, with_logits=True)[1], batch).backward()
 
     out = {}
     for name, fn in (("genrecal", genrecal), ("sft", sft), ("genrecal ", genrecal), ("sft ", sft)):

@@ -4,6 +4,7 @@
     student train --cache cache/ --student llava-folder --out runs/a --stage 2 --steps 500
     student train --cache cache/ --student llava-folder --out runs/a --stage 3 --steps 500
     student train ... --resume        # continue a stopped stage from its last checkpoint
+    student eval --model runs/a/stage3 --data easy-vqa:test [--limit 200]   # -> runs/a/stage3/eval/*.json
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def main() -> None:
 @click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end).")
 @click.option("--image-root", default=None, help="Override the cache's image root.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPU, fp32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute layer activations in the backward pass.")
+@click.option("--fsdp", is_flag=True, help="Shard the student with FSDP2 (under torchrun).")
+@click.option("--attention-every", type=int, default=10, show_default=True,
+              help="Log the Recalibrator's attention share on the student question every N steps (0: never).")
+@click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard/stageN.")
 @click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
 @click.option("--progress/--no-progress", default=True)
 def train_command(teacher_distribution, no_regularizer, resume, progress, **options):
@@ -58,6 +66,35 @@ def train_command(teacher_distribution, no_regularizer, resume, progress, **opti
     if metrics:
         last = metrics[-1]
         click.echo(f"stage {cfg.stage}: {last['step']} steps, last loss {last['total']:.4f}; wrote {cfg.out}/stage{cfg.stage}")
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="Model folder (teacher, student or any stage), alias or hub id.")
+@click.option("--data", required=True, help="Data source: easy-vqa:test, a .json/.jsonl/.parquet file or datasets folder.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the first N samples.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--image-root", default=None, help="Folder the data's image paths are relative to.")
+@click.option("--out", default=None, help="Result JSON (default: MODEL/eval/<data>.json).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def eval_command(**options):
+    """Greedy exact-match accuracy of MODEL on DATA, overall and per question type."""
+    from student.evaluate import evaluate
+
+    try:
+        result = evaluate(**options)
+    except (FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    for kind, counts in result["per_type"].items():
+        click.echo(f"{kind}: {_percent(counts['accuracy'])} of {counts['samples']}")
+    click.echo(f"all: {_percent(result['accuracy'])} of {result['samples']} (skipped {result['skipped']}); "
+               f"wrote {result['output']}")
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 if __name__ == "__main__":

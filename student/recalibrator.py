@@ -14,9 +14,11 @@ teacher's width (the teacher head expects post-norm features).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -31,6 +33,7 @@ class Recalibrator(nn.Module):
         self.norm = nn.RMSNorm(d_teacher, eps=eps)
         self.mrope = mrope
         self.flash = False
+        self.gradient_checkpointing = False  # recompute each block in the backward pass (saves activations)
 
     @classmethod
     def from_student(cls, student, teacher_hidden: int, depth: int = 2, init: str = "copy", seed: int = 0) -> "Recalibrator":
@@ -55,6 +58,27 @@ class Recalibrator(nn.Module):
 
     def forward(self, samples: list[list[tuple[torch.Tensor, str]]]) -> list[torch.Tensor]:
         """For each sample, the output [L_last, d_teacher] at the positions of its last segment."""
+        hidden, lengths, last = self._blocks(samples)
+        return [self.norm(self.proj_post(hidden[i, n - k : n])) for i, (n, k) in enumerate(zip(lengths, last))]
+
+    @torch.no_grad()
+    def first_segment_attention(self, samples: list[list[tuple[torch.Tensor, str]]]) -> float:
+        """Mean attention probability that last-segment positions put on the first segment's positions
+        (over samples, blocks, heads and query positions). On the main path that is the share of
+        attention the teacher answer features pay to the student's question: near 0 means the
+        Recalibrator ignores the student (METHOD.md's shortcut risk)."""
+        maps: list[torch.Tensor] = []
+        with self._eager_attention(maps):
+            _, lengths, last = self._blocks(samples)
+        firsts = [len(segments[0][0]) for segments in samples]
+        shares = []
+        for probs in maps:  # [batch, heads, L, L]
+            for i, (n, k, q) in enumerate(zip(lengths, last, firsts)):
+                shares.append(probs[i, :, n - k : n, :q].float().sum(-1).mean())
+        return float(torch.stack(shares).mean())
+
+    def _blocks(self, samples):
+        """(hidden [B, L, d_student] after the blocks, sequence lengths, last-segment lengths)."""
         sequences, last = [], []
         for segments in samples:
             parts = [self.proj_pre(x.float()) if space == TEACHER else x.float() for x, space in segments]
@@ -68,9 +92,31 @@ class Recalibrator(nn.Module):
         cos_sin = self.rotary(hidden, rope_positions)
         mask = None if self.flash else _causal_mask(length, hidden.dtype, hidden.device)
         for layer in self.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=rope_positions, position_embeddings=cos_sin)
+            kwargs = dict(attention_mask=mask, position_ids=rope_positions, position_embeddings=cos_sin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                out = checkpoint(layer, hidden, use_reentrant=False, **kwargs)
+            else:
+                out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return [self.norm(self.proj_post(hidden[i, n - k : n])) for i, (n, k) in enumerate(zip(lengths, last))]
+        return hidden, lengths, last
+
+    @contextmanager
+    def _eager_attention(self, maps: list):
+        """Run the blocks with eager attention (which returns its probabilities) and collect them."""
+        attns = [layer.self_attn for layer in self.layers]
+        saved = [(a.config._attn_implementation, self.flash) for a in attns]
+        hooks = [a.register_forward_hook(lambda _m, _i, out: maps.append(out[1])) for a in attns]
+        try:
+            for a in attns:
+                a.config._attn_implementation = "eager"
+            self.flash = False
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for a, (impl, flash) in zip(attns, saved):
+                a.config._attn_implementation = impl
+                self.flash = flash
 
 
 def language_model(student) -> nn.Module:

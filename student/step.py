@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.features import TeacherHead
-from pipeline.models import body_forward, head_logits
 from student.batches import StudentBatch
 from student.losses import TopKTarget, head_losses
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
@@ -43,10 +42,13 @@ class LossConfig:
     """Softmax temperature of the KL terms."""
 
 
-def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig) -> dict:
-    """Every loss term of the stage plus `total`, the weighted sum to backpropagate."""
+def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig,
+                    measure_attention: bool = False) -> dict:
+    """Every loss term of the stage plus `total`, the weighted sum to backpropagate. With
+    `measure_attention`, also `question_attention` (and its uniform-attention reference), a diagnostic
+    that is not part of `total`."""
     with torch.set_grad_enabled(stage == 2 and torch.is_grad_enabled()):
-        hidden = body_forward(student, **batch.inputs)  # stage 1: the student is frozen
+        hidden, logits = student_forward(student, batch, with_logits=stage == 2)  # stage 1: the student is frozen
     items = batch.items
     main = [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)] for b, item in enumerate(items)]
     reg_items = [item for item in items if cfg.regularizer and item.teacher_question is not None]
@@ -57,18 +59,67 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     if reg_items:
         terms["reg_ce"], terms["reg_kl"] = _head_terms(head, outputs[len(items) :], reg_items, cfg)
     if stage == 2:
-        terms["student_ce"] = student_ce(student, hidden, batch)
+        terms["student_ce"] = student_ce(logits, batch)
     total = cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"]
     if reg_items:
         total = total + cfg.ce_weight * terms["reg_ce"] + cfg.kl_weight * terms["reg_kl"]
     if stage == 2:
         total = total + cfg.student_ce_weight * terms["student_ce"]
     terms["total"] = total
+    if measure_attention:
+        detached = [[(x.detach(), space) for x, space in segments] for segments in main]
+        terms["question_attention"] = torch.tensor(rec.first_segment_attention(detached))
+        terms["question_attention_uniform"] = torch.tensor(_uniform_first_segment_share(detached))
     return terms
 
 
+def student_forward(student, batch: StudentBatch, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(final hidden states [B, L, d_s], logits at the positions that predict the answers or None).
+
+    The call goes through the model's own forward (so FSDP's hooks run) and asks only for the logits
+    of the span of positions that predict answer tokens (`logits_to_keep`), not of every position.
+    """
+    first, end = _answer_span(batch)
+    keep = torch.arange(first, end, device=batch.inputs["input_ids"].device) if with_logits else 1
+    out = student(**batch.inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
+    return out.hidden_states[-1], (out.logits if with_logits else None)
+
+
+def student_ce(logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
+    """The student's own next-token CE on its answer tokens (its tokenizer, its head); `logits` are
+    those of `student_forward`, which start at the first answer-predicting position of the batch."""
+    first, _ = _answer_span(batch)
+    rows, targets = [], []
+    for b, item in enumerate(batch.items):
+        p, n = item.student.prompt_len, len(item.student.answer_ids)
+        rows.append(logits[b, p - 1 - first : p + n - 1 - first])
+        targets.append(torch.tensor(item.student.answer_ids, device=logits.device))
+    return F.cross_entropy(torch.cat(rows).float(), torch.cat(targets))
+
+
+def _answer_span(batch: StudentBatch) -> tuple[int, int]:
+    """[first, end): the positions whose logits predict some sample's answer tokens."""
+    starts = [item.student.prompt_len - 1 for item in batch.items]
+    ends = [item.student.prompt_len - 1 + len(item.student.answer_ids) for item in batch.items]
+    return min(starts), max(ends)
+
+
+def _uniform_first_segment_share(samples) -> float:
+    """What `first_segment_attention` would be if every position attended uniformly to its past."""
+    shares = []
+    for (question, _), (answer, _) in samples:
+        q, n = len(question), len(answer)
+        shares.append(sum(q / (q + j + 1) for j in range(n)) / n)
+    return sum(shares) / len(shares)
+
+
 def _head_terms(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: LossConfig):
-    r = torch.cat(outputs)
+    with torch.autocast(outputs[0].device.type, enabled=False):  # the head losses run in fp32 under bf16 autocast
+        return _head_terms_fp32(head, outputs, items, cfg)
+
+
+def _head_terms_fp32(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: LossConfig):
+    r = torch.cat(outputs).float()
     targets = torch.cat([item.teacher_targets for item in items]).to(r.device)
     if cfg.teacher_distribution == "topk":
         parts = [item.teacher_topk for item in items]
@@ -78,14 +129,3 @@ def _head_terms(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: Loss
     else:
         teacher = torch.cat([item.teacher_features for item in items]).to(r.device)
     return head_losses(head, r, targets, teacher, cfg.chunk_tokens, cfg.temperature)
-
-
-def student_ce(student, hidden: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
-    """The student's own next-token CE on its answer tokens (its tokenizer, its head)."""
-    rows, targets = [], []
-    for b, item in enumerate(batch.items):
-        p, n = item.student.prompt_len, len(item.student.answer_ids)
-        rows.append(hidden[b, p - 1 : p + n - 1])
-        targets.append(torch.tensor(item.student.answer_ids, device=hidden.device))
-    logits = head_logits(student, torch.cat(rows)).float()
-    return F.cross_entropy(logits, torch.cat(targets))

@@ -64,6 +64,18 @@ class TrainConfig:
     """Overrides the cache's image root for path: references."""
     sample_ids: tuple[str, ...] | None = None
     """Train on these cache samples only (default: all)."""
+    precision: str = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (autocast; weights and optimizer stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute student and Recalibrator layer activations in the backward pass."""
+    fsdp: bool = False
+    """Shard the student with FSDP2 under torchrun (Recalibrator and teacher head replicated)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    attention_every: int = 10
+    """Log the Recalibrator's attention share on the student question every N steps (0: never)."""
+    tensorboard: bool = False
+    """Also write the metrics to OUT/tensorboard/stageN (needs the tensorboard package)."""
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):

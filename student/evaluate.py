@@ -1,0 +1,246 @@
+"""Evaluate any stock HF VLM folder (teacher, student, any stage) on a data source the dump reads.
+
+    student eval --model runs/a/stage3 --data easy-vqa:test                 # -> runs/a/stage3/eval/easy-vqa-test.json
+    student eval --model runs/a/stage3 --data easy-vqa:test --limit 200     # -> .../eval/easy-vqa-test-limit200.json
+
+    from student.evaluate import evaluate
+    result = evaluate("runs/a/stage3", "easy-vqa:test", limit=200, progress=False)
+    result["accuracy"], result["per_type"]["shape"]["accuracy"]
+
+Greedy decoding, several prompts per `model.generate` call (left padding), stopping at the chat
+template's end-of-turn ids. A prediction is right when `normalize(prediction) == normalize(answer)`
+(lower case, trailing punctuation and leading article dropped, spaces collapsed). Samples with a
+`meta["question_type"]` (easy-vqa: shape, color, yes/no) are also scored per type. Malformed records
+(BadSample), images that fail to load and prompts the chat template cannot render are skipped and
+counted under "skipped".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import torch
+
+from pipeline.data import BadSample, DataSample, read_samples
+from pipeline.fsutil import write_atomic
+from pipeline.images import ImageError
+from pipeline.models import end_of_turn_ids, load_vlm
+from pipeline.prompting import TemplateError, render
+
+__all__ = ["GreedyPredictor", "Pending", "data_slug", "default_output", "evaluate", "is_match", "normalize", "score"]
+
+N_EXAMPLES = 20
+N_SKIP_REASONS = 20
+_ARTICLE = re.compile(r"^(a|an|the)\s+")
+_TRAILING_PUNCT = re.compile(r"[\s.,;:!?'\"`)\]}]+$")
+
+
+def normalize(text: str) -> str:
+    """'  The Circle. ' -> 'circle': lower case, trailing punctuation and a leading article dropped, spaces collapsed."""
+    text = " ".join(str(text).lower().split())
+    text = _TRAILING_PUNCT.sub("", text)
+    return _ARTICLE.sub("", text).strip()
+
+
+def is_match(prediction: str, answer: str) -> bool:
+    return normalize(prediction) == normalize(answer)
+
+
+def data_slug(data: str, limit: int | None = None) -> str:
+    """File-name form of a data source: 'easy-vqa:test' -> 'easy-vqa-test' ('-limit50' with a limit)."""
+    name = Path(data).name if ("/" in data or "\\" in data) and not data.startswith("easy-vqa") else data
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "data"
+    return f"{slug}-limit{limit}" if limit is not None else slug
+
+
+@dataclass
+class Pending:
+    """A sample ready to predict: its chat-template prompt and loaded images."""
+
+    sample: DataSample
+    prompt: str
+    images: list
+
+
+class Predictor(Protocol):
+    def prompt(self, sample: DataSample) -> str: ...
+
+    def __call__(self, batch: list[Pending]) -> list[str]: ...
+
+
+class GreedyPredictor:
+    """Greedy, left-padded, batched `model.generate` with a loaded VLM (`pipeline.models.LoadedVLM`)."""
+
+    def __init__(self, vlm, max_new_tokens: int = 16):
+        self.vlm, self.max_new_tokens = vlm, max_new_tokens
+        self.end_of_turn = end_of_turn_ids(vlm.tokenizer, getattr(vlm.processor, "chat_template", None))
+        pad = vlm.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.end_of_turn[0]
+        vlm.tokenizer.padding_side = "left"  # new tokens start at the same column for every row
+
+    def prompt(self, sample: DataSample) -> str:
+        return render(self.vlm.processor, sample.messages, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def __call__(self, batch: list[Pending]) -> list[str]:
+        kwargs = {"text": [p.prompt for p in batch], "padding": True, "return_tensors": "pt"}
+        images = [image for p in batch for image in p.images]
+        if images:
+            kwargs["images"] = images
+        inputs = self.vlm.processor(**kwargs).to(self.vlm.device)
+        out = self.vlm.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      eos_token_id=self.end_of_turn, pad_token_id=self.pad_id)
+        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self.decode(row) for row in new]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids up to (without) the first end-of-turn id; special tokens skipped."""
+        stops = set(self.end_of_turn)
+        end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+        return self.vlm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
+class _Tally:
+    """Running counts: overall, per question type, skips and the first examples."""
+
+    def __init__(self):
+        self.total = self.correct = 0
+        self.types: dict[str, list[int]] = {}  # type -> [samples, correct]
+        self.skipped: list[dict] = []
+        self.examples: list[dict] = []
+
+    def skip(self, sample_id: str, reason: str) -> None:
+        self.skipped.append({"id": sample_id, "reason": reason})
+
+    def add(self, sample: DataSample, prediction: str) -> None:
+        right = is_match(prediction, sample.answer or "")
+        self.total += 1
+        self.correct += right
+        kind = sample.meta.get("question_type")
+        if kind is not None:
+            counts = self.types.setdefault(str(kind), [0, 0])
+            counts[0] += 1
+            counts[1] += right
+        if len(self.examples) < N_EXAMPLES:
+            self.examples.append({"id": sample.sample_id, "question": question_text(sample), "answer": sample.answer,
+                                  "prediction": prediction, "correct": right, "question_type": kind})
+
+    def result(self) -> dict:
+        return {
+            "samples": self.total, "correct": self.correct, "accuracy": _ratio(self.correct, self.total),
+            "per_type": {k: {"samples": n, "correct": c, "accuracy": _ratio(c, n)} for k, (n, c) in sorted(self.types.items())},
+            "skipped": len(self.skipped), "skipped_examples": self.skipped[:N_SKIP_REASONS], "examples": self.examples,
+        }
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def question_text(sample: DataSample) -> str:
+    """Text of the last user turn (the question)."""
+    user = next((m for m in reversed(sample.messages) if m.get("role") == "user"), {"content": []})
+    content = user["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content if p.get("type") == "text").strip()
+
+
+def _prepare(items: Iterable[DataSample | BadSample], predictor: Predictor, tally: _Tally) -> Iterator[Pending]:
+    """Pending samples; bad records, images that fail to load and unrenderable prompts go to the tally."""
+    for item in items:
+        if isinstance(item, BadSample):
+            tally.skip(item.sample_id, f"{item.stage}: {item.reason}")
+            continue
+        try:
+            images = [spec.load() for spec in item.images]
+            yield Pending(item, predictor.prompt(item), images)
+        except (ImageError, TemplateError) as err:
+            tally.skip(item.sample_id, str(err))
+
+
+def _batches(pending: Iterator[Pending], size: int) -> Iterator[list[Pending]]:
+    batch: list[Pending] = []
+    for p in pending:
+        batch.append(p)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def score(items: Iterable[DataSample | BadSample], predictor: Predictor, batch_size: int = 16, bar=None) -> dict:
+    """Predict and count: {"samples", "correct", "accuracy", "per_type", "skipped", "examples", ...}."""
+    tally = _Tally()
+    for batch in _batches(_prepare(items, predictor, tally), max(1, batch_size)):
+        predictions = predictor(batch)
+        if len(predictions) != len(batch):
+            raise RuntimeError(f"predictor returned {len(predictions)} answers for {len(batch)} prompts")
+        for p, prediction in zip(batch, predictions):
+            tally.add(p.sample, prediction)
+        if bar is not None:
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{tally.correct / max(tally.total, 1):.3f}", refresh=False)
+    return tally.result()
+
+
+def _limited(items: Iterable, limit: int | None) -> Iterator:
+    for i, item in enumerate(items):
+        if limit is not None and i >= limit:
+            return
+        yield item
+
+
+def _progress_bar(enabled: bool, total: int | None, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+
+def default_output(model: str, data: str, limit: int | None = None) -> Path:
+    """`<model folder>/eval/<data slug>.json`; for an alias or hub id, `eval/<model slug>/<data slug>.json` here."""
+    folder = Path(model).expanduser()
+    base = folder / "eval" if folder.is_dir() else Path("eval") / data_slug(str(model).replace("/", "--"))
+    return base / f"{data_slug(data, limit)}.json"
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def evaluate(model: str, data: str, image_root: str | None = None, limit: int | None = None, batch_size: int = 16,
+             max_new_tokens: int = 16, out: str | None = None, device: str = "auto", progress: bool = True,
+             predictor: Predictor | None = None) -> dict:
+    """Evaluate the VLM in folder `model` on `data` (see `pipeline.data.read_samples`); write and return the result.
+
+    The JSON goes to `out`, default `<model>/eval/<data_slug(data, limit)>.json`. `limit`: only the first
+    `limit` records of the source (skipped ones included). `predictor`: a stand-in for the model (tests);
+    when given, no model is loaded. Raises ModelLoadError / DataError (ValueErrors) when the model or data
+    cannot be read at all."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    items = read_samples(data, image_root)  # DataError now for a missing / unreadable source
+    if predictor is None:
+        predictor = GreedyPredictor(load_vlm(model, device=_device(device)), max_new_tokens)
+    start = time.perf_counter()
+    bar = _progress_bar(progress, limit, f"eval {data_slug(data)}")
+    try:
+        counts = score(_limited(items, limit), predictor, batch_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    path = Path(out) if out else default_output(model, data, limit)
+    result = {"model": str(model), "data": data, "limit": limit, **counts,
+              "seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size,
+              "max_new_tokens": max_new_tokens, "output": str(path)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return result

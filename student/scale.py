@@ -1,0 +1,105 @@
+"""How a stage runs on its hardware: precision, gradient checkpointing, FSDP2 sharding, clipping and
+gathering the full student for a checkpoint.
+
+Two ways to use several GPUs, both launched by torchrun (see README "Several GPUs"):
+- data parallel (default): every rank holds the whole student, Recalibrator and teacher head;
+  gradients are averaged across ranks (student/distributed.py).
+- `--fsdp`: the student is sharded with FSDP2 (`fully_shard` on each decoder layer, then on the whole
+  model), for students that do not fit one GPU. The Recalibrator (2 blocks + 2 projections) and the
+  teacher head are replicated on every rank; the Recalibrator's gradients are averaged like in data
+  parallel. The head is frozen and kept in the training precision (bf16 on GPU: 2.5 GB for a
+  152k x 8192 head).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from student.recalibrator import Recalibrator, language_model
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """auto: bf16 autocast on CUDA, fp32 elsewhere; fp32 / bf16: as named (bf16 also runs on CPU)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(bf16: bool, device: torch.device):
+    """Forward passes under bf16 autocast (weights and optimizer state stay fp32); the head losses
+    switch autocast off and run in fp32 (student/step.py)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def enable_gradient_checkpointing(student, rec: Recalibrator | None) -> None:
+    """Recompute decoder-layer activations in the backward pass instead of keeping them."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if rec is not None:
+        rec.gradient_checkpointing = True
+
+
+def shard_student(student) -> None:
+    """FSDP2: one group per decoder layer, one for the rest (embeddings, vision tower, projector, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in language_model(student).layers:
+        fully_shard(layer)
+    fully_shard(student)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm over plain and FSDP-sharded (DTensor) gradients alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        norm = torch.linalg.vector_norm(g.float())
+        if hasattr(norm, "full_tensor"):  # a DTensor norm is a partial value: reduce it across ranks
+            norm = norm.full_tensor()
+        squares += norm.double() ** 2
+    total = float(squares.sqrt())
+    scale = min(max_norm / (total + 1e-6), 1.0)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+def full_student_state(student, sharded: bool) -> dict | None:
+    """The full state dict of a sharded student on rank 0 (None on other ranks; every rank must call)."""
+    if not sharded:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if dist.get_rank() == 0 else None
+
+
+def optimizer_state(model_parts, optimizer, sharded: bool) -> dict:
+    """The optimizer state as a plain dict; for FSDP, gathered in full (every rank must call)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model_parts, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model_parts, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model_parts, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
