@@ -75,6 +75,33 @@ def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, see
     )
 
 
+@main.command("build-tiny")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def build_tiny_command(name: str, out: str, seed: int) -> None:
+    """Build a named tiny VLM with random weights (demo-teacher, demo-student, qwen2-vl-tiny, llava-tiny, ...)."""
+    from pipeline.demo import build_named
+
+    folder = _or_fail(build_named, name, out, seed)
+    click.echo(f"wrote {folder}")
+
+
+@main.command("demo")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run folder (default runs/demo, or runs/demo-quick with --quick).")
+@click.option("--quick", is_flag=True, help="Tiny settings: a few minutes (what CI runs).")
+def demo_command(out: str | None, quick: bool) -> None:
+    """Train a tiny teacher, dump it, distil a student of another family and tokenizer, compare with SFT."""
+    from pipeline.demo import run_demo
+
+    try:
+        run_demo(out or ("runs/demo-quick" if quick else "runs/demo"), quick=quick, echo=click.echo)
+    except (RuntimeError, ValueError) as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
 @main.command("inspect")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -10,12 +10,13 @@ ids (its own targets) come from its tokenizer, the teacher's from the cache.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.data import image_root_for
+from pipeline.data import BadSample, DataError, image_root_for, read_samples
 from pipeline.images import open_image_ref
 from pipeline.prompting import EncodedSample, collate, encode_sample
 from pipeline.reader import CacheReader
@@ -26,10 +27,10 @@ from student.losses import TopKTarget
 class StudentItem:
     sample_id: str
     student: EncodedSample  # student prompt inputs + the student's answer ids (gt_s)
-    teacher_features: torch.Tensor  # z_al [n, d_l] float32: last prompt position + answer but its last token
-    teacher_targets: torch.Tensor  # gt_l [n]
-    teacher_topk: TopKTarget | None
-    teacher_question: torch.Tensor | None  # z_ql [q, d_l] float32, for the samples that have it
+    teacher_features: torch.Tensor | None = None  # z_al [n, d_l] float32: last prompt position + answer but its last token
+    teacher_targets: torch.Tensor | None = None  # gt_l [n]
+    teacher_topk: TopKTarget | None = None
+    teacher_question: torch.Tensor | None = None  # z_ql [q, d_l] float32, for the samples that have it
 
 
 @dataclass
@@ -74,6 +75,38 @@ class CacheStudentData(torch.utils.data.Dataset):
             teacher_topk=topk,
             teacher_question=None if question is None else torch.from_numpy(question),
         )
+
+    def collate(self, items: list[StudentItem]) -> StudentBatch:
+        return StudentBatch(collate([item.student for item in items], self.pad_id), items)
+
+
+class SourceStudentData(torch.utils.data.Dataset):
+    """Map-style dataset over a data source's samples (no teacher): plain SFT, e.g. training the demo
+    teacher from scratch. Malformed records are left out (the count is in `skipped`)."""
+
+    def __init__(self, source: str, processor, end_of_turn, pad_id: int, image_root: str | None = None,
+                 limit: int | None = None):
+        self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
+        self.samples, self.skipped = [], 0
+        for sample in read_samples(source, image_root):
+            if limit is not None and len(self.samples) + self.skipped >= limit:
+                break
+            if isinstance(sample, BadSample) or not sample.answer:
+                self.skipped += 1
+            else:
+                self.samples.append(sample)
+        if not self.samples:
+            raise DataError(f"data source {source} has no usable sample")
+        self.lengths = [len(json.dumps(s.messages)) + len(s.answer) for s in self.samples]  # only for grouping
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> StudentItem:
+        s = self.samples[i]
+        images = [spec.load() for spec in s.images]
+        return StudentItem(s.sample_id, encode_sample(self.processor, s.sample_id, s.messages, images, s.answer,
+                                                      self.end_of_turn))
 
     def collate(self, items: list[StudentItem]) -> StudentBatch:
         return StudentBatch(collate([item.student for item in items], self.pad_id), items)

@@ -23,7 +23,10 @@ def main() -> None:
 
 
 @main.command("train")
-@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
+@click.option("--cache", type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
+@click.option("--data", default=None, help="Stage 3 only: SFT on this data source instead of a cache (e.g. easy-vqa:train).")
+@click.option("--data-limit", type=int, default=None, help="With --data: its first N samples.")
+@click.option("--from-student", is_flag=True, help="Start from --student, not OUT/stage{N-1} (e.g. an SFT baseline).")
 @click.option("--student", required=True, help="Student (stage 1): alias, hub id or folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; stage N writes OUT/stageN.")
 @click.option("--stage", required=True, type=click.IntRange(1, 3))
@@ -35,6 +38,10 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--teacher-distribution", type=click.Choice(["exact", "topk"]), default="exact", show_default=True)
 @click.option("--no-regularizer", is_flag=True, help="Skip Alg. 2 (for ablations).")
+@click.option("--ce-weight", type=float, default=1.0, show_default=True,
+              help="Weight of CE(teacher head(recalibrated), teacher ids), main path and regularizer (0: KL only).")
+@click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of the forward-KL terms.")
+@click.option("--student-ce-weight", type=float, default=1.0, show_default=True, help="Stage 2: the student's own CE.")
 @click.option("--rec-depth", type=int, default=2, show_default=True)
 @click.option("--rec-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
@@ -47,18 +54,22 @@ def main() -> None:
 @click.option("--fsdp", is_flag=True, help="Shard the student with FSDP2 (under torchrun).")
 @click.option("--attention-every", type=int, default=10, show_default=True,
               help="Log the Recalibrator's attention share on the student question every N steps (0: never).")
+@click.option("--train-vision-encoder", is_flag=True,
+              help="Stages 2-3: train the vision encoder too (models trained from scratch; the method freezes it).")
 @click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard/stageN.")
 @click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
 @click.option("--progress/--no-progress", default=True)
-def train_command(teacher_distribution, no_regularizer, resume, progress, **options):
-    """Train one GenRecal stage against CACHE."""
+def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, student_ce_weight, resume, progress,
+                  **options):
+    """Train one GenRecal stage against a teacher cache (or, stage 3, plain SFT on a data source)."""
     from student.stages import train_stage
     from student.step import LossConfig
     from student.train_setup import TrainConfig
 
-    loss = LossConfig(teacher_distribution=teacher_distribution, regularizer=not no_regularizer)
-    cfg = TrainConfig(loss=loss, **options)
+    loss = LossConfig(teacher_distribution=teacher_distribution, regularizer=not no_regularizer, ce_weight=ce_weight,
+                      kl_weight=kl_weight, student_ce_weight=student_ce_weight)
     try:
+        cfg = TrainConfig(loss=loss, **options)
         metrics = train_stage(cfg, resume=resume, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         click.echo(f"error: {err}", err=True)

@@ -25,7 +25,7 @@ from pipeline.models import end_of_turn_ids, load_vlm, save_processor
 from pipeline.reader import CacheReader
 from pipeline.teacher_files import load_teacher_head
 from student import distributed
-from student.batches import CacheStudentData, LengthGroupedSampler
+from student.batches import CacheStudentData, LengthGroupedSampler, SourceStudentData
 from student.metrics_log import MetricsLog
 from student.recalibrator import Recalibrator
 from student.recalibrator_io import load_recalibrator, save_recalibrator
@@ -74,17 +74,21 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
     vlm = load_vlm(out if state else student_source(cfg), device=str(device))
     student, tokenizer = vlm.model, vlm.tokenizer
     _check_student_vocabulary(vlm)
-    reader = CacheReader(cfg.cache)
-    head = _teacher_head(cfg, reader, device, bf16)  # clear error if missing or not matching the manifest
     eot = end_of_turn_ids(tokenizer, vlm.processor.chat_template)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
-    data = CacheStudentData(cfg.cache, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids)
+    if cfg.data:  # SFT on a data source (stage 3 only): no cache, no teacher
+        reader = head = None
+        data = SourceStudentData(cfg.data, vlm.processor, eot, pad_id, cfg.image_root, cfg.data_limit)
+    else:
+        reader = CacheReader(cfg.cache)
+        head = _teacher_head(cfg, reader, device, bf16)  # clear error if missing or not matching the manifest
+        data = CacheStudentData(cfg.cache, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids)
     rec = _recalibrator(cfg, student, reader, out if state else None, device)
     if cfg.gradient_checkpointing and cfg.stage in (2, 3):
         enable_gradient_checkpointing(student, rec)
     if cfg.fsdp:
         shard_student(student)  # after the Recalibrator copied its layers from the unsharded student
-    student_params = trainable_student_parameters(student, cfg.stage)
+    student_params = trainable_student_parameters(student, cfg.stage, cfg.train_vision_encoder)
     rec_params = list(rec.parameters()) if rec else []
     params = student_params + rec_params
     parts = torch.nn.ModuleDict({"student": student, **({"rec": rec} if rec else {})})
@@ -112,7 +116,7 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
             bar.update(1)
             bar.set_postfix(loss=f"{record['total']:.3f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or len(metrics) == stop_after:
-            _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, reader, rank)
+            _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank)
     if bar is not None:
         bar.close()
     log.close()
@@ -164,10 +168,11 @@ class _Run:
 
     def _terms(self, batch, measure_attention: bool) -> dict:
         if self.cfg.stage == 3:
-            _, logits = student_forward(self.student, batch, with_logits=True)
+            _, logits = student_forward(self.student, batch, True, self.cfg.fsdp)
             loss = student_ce(logits, batch)
             return {"student_ce": loss, "total": loss}
-        return genrecal_losses(self.student, self.rec, self.head, batch, self.cfg.stage, self.cfg.loss, measure_attention)
+        return genrecal_losses(self.student, self.rec, self.head, batch, self.cfg.stage, self.cfg.loss, measure_attention,
+                               self.cfg.fsdp)
 
 
 def _teacher_head(cfg: TrainConfig, reader: CacheReader, device: torch.device, bf16: bool) -> TeacherHead:
@@ -192,23 +197,23 @@ def _recalibrator(cfg: TrainConfig, student, reader, resume_dir: Path | None, de
         return None
     d_teacher = reader.manifest.teacher.hidden_size
     rec = Recalibrator.from_student(student, d_teacher, depth=cfg.rec_depth, init=cfg.rec_init, seed=cfg.seed)
-    source = resume_dir or (stage_dir(cfg, 1) if cfg.stage == 2 else None)
+    source = resume_dir or (stage_dir(cfg, 1) if cfg.stage == 2 and not cfg.from_student else None)
     if source is not None:
         load_recalibrator(rec, source / RECALIBRATOR_DIR)
     return rec.to(device)
 
 
-def _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, reader, rank: int) -> None:
+def _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int) -> None:
     """Write the whole stage folder under a temporary name, then swap it in (a crash keeps the old one).
     Every rank takes part (an FSDP student is gathered); rank 0 writes."""
     model_state = full_student_state(vlm.model, cfg.fsdp)
     optim_state = optimizer_state(parts, optimizer, cfg.fsdp)
     if rank == 0:
-        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, reader)
+        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step)
     distributed.barrier()
 
 
-def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, reader) -> None:
+def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step) -> None:
     out = stage_dir(cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,7 +223,7 @@ def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, r
         save_recalibrator(rec, tmp / RECALIBRATOR_DIR)
     (tmp / STATE_DIR).mkdir()
     torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
-                "cache_identity": _cache_identity(reader), "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
+                "cache_identity": _source_identity(cfg), "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
     if (out / METRICS_FILE).exists():
         shutil.copy2(out / METRICS_FILE, tmp / METRICS_FILE)
@@ -234,7 +239,7 @@ def _load_state(out: Path, cfg: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
-    identity = _cache_identity(CacheReader(cfg.cache))
+    identity = _source_identity(cfg)
     if state.get("fsdp", False) != cfg.fsdp:
         raise ValueError(f"--resume: {out} was trained {'with' if state.get('fsdp') else 'without'} --fsdp; "
                          "resume it the same way")
@@ -246,10 +251,12 @@ def _load_state(out: Path, cfg: TrainConfig) -> dict | None:
     return state
 
 
-def _cache_identity(reader: CacheReader) -> str:
+def _source_identity(cfg: TrainConfig) -> str:
+    """What the run trains on: the cache's teacher and settings, or the data source and its limit."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(reader.manifest.identity(), sort_keys=True).encode()).hexdigest()[:16]
+    what = {"data": cfg.data, "limit": cfg.data_limit} if cfg.data else CacheReader(cfg.cache).manifest.identity()
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _loader(data: CacheStudentData, cfg: TrainConfig, first: int, rank: int = 0, world: int = 1):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.features import TeacherHead
+from pipeline.models import head_logits
 from student.batches import StudentBatch
 from student.losses import TopKTarget, head_losses
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
@@ -43,12 +44,12 @@ class LossConfig:
 
 
 def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig,
-                    measure_attention: bool = False) -> dict:
+                    measure_attention: bool = False, sharded: bool = False) -> dict:
     """Every loss term of the stage plus `total`, the weighted sum to backpropagate. With
     `measure_attention`, also `question_attention` (and its uniform-attention reference), a diagnostic
     that is not part of `total`."""
     with torch.set_grad_enabled(stage == 2 and torch.is_grad_enabled()):
-        hidden, logits = student_forward(student, batch, with_logits=stage == 2)  # stage 1: the student is frozen
+        hidden, logits = student_forward(student, batch, stage == 2, sharded)  # stage 1: the student is frozen
     items = batch.items
     main = [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)] for b, item in enumerate(items)]
     reg_items = [item for item in items if cfg.regularizer and item.teacher_question is not None]
@@ -73,35 +74,43 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     return terms
 
 
-def student_forward(student, batch: StudentBatch, with_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(final hidden states [B, L, d_s], logits at the positions that predict the answers or None).
+def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bool = False):
+    """(final hidden states [B, L, d_s], the student's logits at its answer-predicting positions
+    [answer tokens in the batch, vocab] in batch order, or None).
 
-    The call goes through the model's own forward (so FSDP's hooks run) and asks only for the logits
-    of the span of positions that predict answer tokens (`logits_to_keep`), not of every position.
+    The call goes through the model's own forward (so FSDP's hooks run). Unsharded, the head is then
+    applied to the answer-predicting positions only; an FSDP-sharded head can only run inside that
+    forward, which is then asked for the span of positions that holds them (`logits_to_keep`).
     """
-    first, end = _answer_span(batch)
-    keep = torch.arange(first, end, device=batch.inputs["input_ids"].device) if with_logits else 1
+    rows, cols = _answer_positions(batch)
+    device = batch.inputs["input_ids"].device
+    rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    first = int(cols.min())
+    keep = torch.arange(first, int(cols.max()) + 1, device=device) if with_logits and sharded else 1
     out = student(**batch.inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
-    return out.hidden_states[-1], (out.logits if with_logits else None)
+    hidden = out.hidden_states[-1]
+    if not with_logits:
+        return hidden, None
+    # one gather: per-sample slices would each add a full-size zero gradient in the backward pass
+    logits = out.logits[rows, cols - first] if sharded else head_logits(student, hidden[rows, cols])
+    return hidden, logits
 
 
 def student_ce(logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
-    """The student's own next-token CE on its answer tokens (its tokenizer, its head); `logits` are
-    those of `student_forward`, which start at the first answer-predicting position of the batch."""
-    first, _ = _answer_span(batch)
-    rows, targets = [], []
+    """The student's own next-token CE on its answer tokens (its tokenizer, its head), from the
+    logits `student_forward` returns."""
+    targets = [t for item in batch.items for t in item.student.answer_ids]
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device))
+
+
+def _answer_positions(batch: StudentBatch) -> tuple[list[int], list[int]]:
+    """(batch row, position) of every position whose logits predict an answer token, in batch order."""
+    rows, cols = [], []
     for b, item in enumerate(batch.items):
         p, n = item.student.prompt_len, len(item.student.answer_ids)
-        rows.append(logits[b, p - 1 - first : p + n - 1 - first])
-        targets.append(torch.tensor(item.student.answer_ids, device=logits.device))
-    return F.cross_entropy(torch.cat(rows).float(), torch.cat(targets))
-
-
-def _answer_span(batch: StudentBatch) -> tuple[int, int]:
-    """[first, end): the positions whose logits predict some sample's answer tokens."""
-    starts = [item.student.prompt_len - 1 for item in batch.items]
-    ends = [item.student.prompt_len - 1 + len(item.student.answer_ids) for item in batch.items]
-    return min(starts), max(ends)
+        rows += [b] * n
+        cols += range(p - 1, p + n - 1)
+    return rows, cols
 
 
 def _uniform_first_segment_share(samples) -> float:

@@ -26,8 +26,8 @@ FINISHED_FILE = "trainer_state/finished.json"
 class TrainConfig:
     """Everything `student train` needs; the CLI fills it from its options."""
 
-    cache: str
-    """Teacher cache folder written by pipeline dump-teacher."""
+    cache: str | None
+    """Teacher cache folder written by pipeline dump-teacher (None with `data`)."""
     student: str
     """Student for stage 1: alias, hub id or folder (stages 2-3 read OUT/stage{N-1})."""
     out: str
@@ -74,12 +74,24 @@ class TrainConfig:
     """Global gradient-norm clip."""
     attention_every: int = 10
     """Log the Recalibrator's attention share on the student question every N steps (0: never)."""
+    data: str | None = None
+    """Stage 3 only: SFT on this data source (what dump-teacher reads) instead of a cache; starts from `student`."""
+    data_limit: int | None = None
+    """With `data`: use its first N samples."""
+    from_student: bool = False
+    """Start this stage from `student` instead of OUT/stage{N-1} (e.g. an SFT baseline: stage 3 alone)."""
+    train_vision_encoder: bool = False
+    """Stages 2-3: also train the vision encoder (for models trained from scratch; the method keeps it frozen)."""
     tensorboard: bool = False
     """Also write the metrics to OUT/tensorboard/stageN (needs the tensorboard package)."""
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):
             raise ValueError(f"--stage must be 1, 2 or 3, not {self.stage}")
+        if (self.cache is None) == (self.data is None):
+            raise ValueError("give either a teacher cache (--cache) or, for stage 3, a data source (--data)")
+        if self.data is not None and self.stage != 3:
+            raise ValueError("--data (SFT on a data source) is stage 3 only; stages 1-2 need a teacher cache")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,7 +103,7 @@ def stage_dir(cfg: TrainConfig, stage: int | None = None) -> Path:
 
 def student_source(cfg: TrainConfig) -> str:
     """Stage 1 starts from --student; later stages from the previous stage's output."""
-    if cfg.stage == 1:
+    if cfg.stage == 1 or cfg.from_student or cfg.data:
         return cfg.student
     previous = stage_dir(cfg, cfg.stage - 1)
     if not (previous / FINISHED_FILE).exists():
@@ -104,11 +116,11 @@ def is_vision_encoder(name: str) -> bool:
     return (".vision_tower." in f".{name}" or ".visual." in f".{name}") and "merger" not in name
 
 
-def trainable_student_parameters(student, stage: int) -> list:
-    """Stage 1: none; stages 2-3: everything but the vision encoder."""
+def trainable_student_parameters(student, stage: int, train_vision_encoder: bool = False) -> list:
+    """Stage 1: none; stages 2-3: everything but the vision encoder (unless `train_vision_encoder`)."""
     params = []
     for name, p in student.named_parameters():
-        train = stage in (2, 3) and not is_vision_encoder(name)
+        train = stage in (2, 3) and (train_vision_encoder or not is_vision_encoder(name))
         p.requires_grad_(train)
         if train:
             params.append(p)
