@@ -54,10 +54,15 @@ def write_figure(path: Path, curves: dict[str, list[dict]], rows: list[dict]) ->
     import matplotlib.pyplot as plt
 
     panels = [name for name, records in curves.items() if records]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], panels):
+    cols = 3
+    n_rows = -(-(len(panels) + 1) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.6 * n_rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax, name in zip(flat, panels):
         _loss_panel(ax, name, curves[name])
-    _accuracy_panel(axes[0][-1], rows)
+    _accuracy_panel(flat[len(panels)], rows)
+    for ax in flat[len(panels) + 1 :]:
+        ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
