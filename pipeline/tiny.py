@@ -11,7 +11,7 @@ their real ids), "mistral" (the real Mistral 7B v0.1 SentencePiece from `mistral
 under $GENRECAL_CACHE/tokenizers (default ~/.cache/genrecal/tokenizers).
 
 Overrides: `vision_config={...}` is merged into the vision config, `bpe_vocab_size=N` sizes the tiny BPE,
-`image_size=N` sets the vision input size (LLaVA/InternVL/OneVision), every other keyword goes to the
+`image_size=N` sets the vision input size (Qwen2-VL: images are resized to N x N, N a multiple of 28), every other keyword goes to the
 text config (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
 tie_word_embeddings, ...).
 """
@@ -249,8 +249,9 @@ def _build(family: str, tok, overrides: dict):
                                  video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                                  vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
         merge = vis["patch_size"] * vis["spatial_merge_size"]
+        side = (image_size // merge * merge) if image_size else None  # fixed input size, else 56..112 pixels
         image_processor = T.Qwen2VLImageProcessorPil(
-            min_pixels=(2 * merge) ** 2, max_pixels=(4 * merge) ** 2, patch_size=vis["patch_size"],
+            min_pixels=(side or 2 * merge) ** 2, max_pixels=(side or 4 * merge) ** 2, patch_size=vis["patch_size"],
             merge_size=vis["spatial_merge_size"], temporal_patch_size=vis["temporal_patch_size"])
         processor = _video_optional(T.Qwen2VLProcessor)(image_processor, tok, None, chat_template=template)
     elif model_type == "internvl":

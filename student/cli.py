@@ -83,6 +83,7 @@ def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, st
 @click.option("--model", required=True, help="Model folder (teacher, student or any stage), alias or hub id.")
 @click.option("--data", required=True, help="Data source: easy-vqa:test, a .json/.jsonl/.parquet file or datasets folder.")
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Only the first N samples.")
+@click.option("--skip", type=click.IntRange(min=0), default=0, help="Start after the first N records (held-out slices).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--image-root", default=None, help="Folder the data's image paths are relative to.")

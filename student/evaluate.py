@@ -190,11 +190,10 @@ def score(items: Iterable[DataSample | BadSample], predictor: Predictor, batch_s
     return tally.result()
 
 
-def _limited(items: Iterable, limit: int | None) -> Iterator:
-    for i, item in enumerate(items):
-        if limit is not None and i >= limit:
-            return
-        yield item
+def _limited(items: Iterable, limit: int | None, skip: int = 0) -> Iterator:
+    import itertools
+
+    return itertools.islice(items, skip, None if limit is None else skip + limit)
 
 
 def _progress_bar(enabled: bool, total: int | None, desc: str):
@@ -205,11 +204,11 @@ def _progress_bar(enabled: bool, total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
 
 
-def default_output(model: str, data: str, limit: int | None = None) -> Path:
+def default_output(model: str, data: str, limit: int | None = None, skip: int = 0) -> Path:
     """`<model folder>/eval/<data slug>.json`; for an alias or hub id, `eval/<model slug>/<data slug>.json` here."""
     folder = Path(model).expanduser()
     base = folder / "eval" if folder.is_dir() else Path("eval") / data_slug(str(model).replace("/", "--"))
-    return base / f"{data_slug(data, limit)}.json"
+    return base / f"{data_slug(data, limit)}{f'-from{skip}' if skip else ''}.json"
 
 
 def _device(device: str) -> str:
@@ -218,11 +217,12 @@ def _device(device: str) -> str:
 
 def evaluate(model: str, data: str, image_root: str | None = None, limit: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, out: str | None = None, device: str = "auto", progress: bool = True,
-             predictor: Predictor | None = None) -> dict:
+             predictor: Predictor | None = None, skip: int = 0) -> dict:
     """Evaluate the VLM in folder `model` on `data` (see `pipeline.data.read_samples`); write and return the result.
 
     The JSON goes to `out`, default `<model>/eval/<data_slug(data, limit)>.json`. `limit`: only the first
-    `limit` records of the source (skipped ones included). `predictor`: a stand-in for the model (tests);
+    `limit` records of the source (skipped ones included); `skip`: start after the first `skip` records
+    (e.g. a held-out slice of a training split, for choices that must not look at the test split). `predictor`: a stand-in for the model (tests);
     when given, no model is loaded. Raises ModelLoadError / DataError (ValueErrors) when the model or data
     cannot be read at all."""
     if limit is not None and limit < 0:
@@ -233,12 +233,12 @@ def evaluate(model: str, data: str, image_root: str | None = None, limit: int | 
     start = time.perf_counter()
     bar = _progress_bar(progress, limit, f"eval {data_slug(data)}")
     try:
-        counts = score(_limited(items, limit), predictor, batch_size, bar)
+        counts = score(_limited(items, limit, skip), predictor, batch_size, bar)
     finally:
         if bar is not None:
             bar.close()
-    path = Path(out) if out else default_output(model, data, limit)
-    result = {"model": str(model), "data": data, "limit": limit, **counts,
+    path = Path(out) if out else default_output(model, data, limit, skip)
+    result = {"model": str(model), "data": data, "limit": limit, "skip": skip, **counts,
               "seconds": round(time.perf_counter() - start, 3), "batch_size": batch_size,
               "max_new_tokens": max_new_tokens, "output": str(path)}
     path.parent.mkdir(parents=True, exist_ok=True)
