@@ -1,13 +1,13 @@
 """Distillation quality on easy-VQA: GenRecal, its ablations and an SFT baseline, several seeds, two
 data regimes, one teacher cache. Writes bench/results/quality.md (table + command) and a figure.
 
-    python bench/quality.py --demo runs/demo --work runs/quality            # the full table (~40 min, 2 cores)
-    python bench/quality.py --demo runs/demo --work runs/q --seeds 0 --steps 4 4 4 --pool 64 --test 32  # smoke
+    python bench/quality.py --demo runs/demo --work runs/quality            # the full table (~35 min, 2 cores)
+    python bench/quality.py --demo runs/demo --work runs/q --seeds 0 --steps 4 4 4 --test 32  # smoke
 
-It reuses the demo's trained teacher (runs/demo/teacher/stage3) and its untrained student
-(runs/demo/models/student-init; `pipeline demo` makes both), dumps a pool of easy-VQA train questions
-with teacher-written answers (the distillation data; `pipeline dump-teacher --responses generate`),
-then for every seed and regime trains from the same student init:
+It reuses the demo's trained teacher, its cache of teacher-written answers to easy-VQA train questions
+(runs/demo/cache; or, with --pool N, a new cache of N questions dumped from runs/demo/teacher/stage3)
+and its untrained student (runs/demo/models/student-init), then for every seed and regime trains from
+the same student init:
 - sft:              stage 3 alone on the cache's answers, for stage-2 + stage-3 steps (same update count)
 - genrecal:         stages 1, 2, 3 with the defaults (exact teacher distribution, regularizer on)
 - genrecal-noreg:   no regularizer (Alg. 2 off)
@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.reader import CacheReader  # noqa: E402
 from student.step import LossConfig  # noqa: E402
 
 VARIANTS = {
@@ -157,13 +158,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, nargs=3, default=[100, 150, 100])
-    parser.add_argument("--pool", type=int, default=4000, help="Teacher-answered train questions in the cache.")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="Dump a new cache of this many teacher-answered train questions (default: reuse the "
+                             "demo's cache, RUN/cache).")
     parser.add_argument("--test", type=int, default=1000, help="easy-VQA test questions per evaluation.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    cache = dump_pool(args.demo, args.work, args.pool)
+    cache = dump_pool(args.demo, args.work, args.pool) if args.pool else args.demo / "cache"
+    args.pool = len(CacheReader(cache).sample_ids)
     student = args.demo / "models" / "student-init"
     rows = []
     for regime, fraction in REGIMES.items():

@@ -31,7 +31,7 @@ from pipeline.fsutil import write_atomic
 
 # Named tiny configurations (pipeline/tiny.py families): the teacher is twice the student's width.
 DEMO_TEACHER = {"family": "qwen2-vl-tiny", "tokenizer": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
-                "intermediate_size": 512}
+                "intermediate_size": 512, "image_size": 112, "tie_word_embeddings": True}
 DEMO_STUDENT = {"family": "llava-tiny", "tokenizer": "mistral", "hidden_size": 64, "num_hidden_layers": 4,
                 "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "image_size": 56,
                 "vision_config": {"patch_size": 14}}
@@ -44,7 +44,7 @@ class DemoSettings:
 
     teacher_samples: int = 20000
     """easy-VQA train questions the teacher is fitted on."""
-    teacher_steps: int = 350
+    teacher_steps: int = 400
     """Teacher SFT steps (batch 32)."""
     cache_samples: int = 2000
     """easy-VQA train questions dumped with teacher-written answers (distillation data)."""
