@@ -70,7 +70,7 @@ def plan(run: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
         ("build-student", ["pipeline", "build-tiny", "demo-student", "--out", str(models / "student-init")]),
         ("train-teacher", ["student", "train", "--stage", "3", "--data", "easy-vqa:train", "--data-limit",
                            str(s.teacher_samples), "--student", str(models / "teacher-init"), "--out", str(teacher),
-                           "--steps", str(s.teacher_steps), "--batch-size", "32", "--lr", "2e-3", "--lr-end", "2e-4",
+                           "--steps", str(s.teacher_steps), "--batch-size", "32", "--lr", "1e-3", "--lr-end", "1e-4",
                            "--num-workers", "1", "--train-vision-encoder"]),
         ("dump-teacher", ["pipeline", "dump-teacher", "--model", str(teacher / "stage3"), "--data", "easy-vqa:train",
                           "--limit", str(s.cache_samples), "--responses", "generate", "--out", str(cache),
