@@ -46,8 +46,10 @@ class StudentBatch:
 class CacheStudentData(torch.utils.data.Dataset):
     """Map-style dataset over a cache's committed samples, encoded for one student."""
 
-    def __init__(self, cache_dir, processor, end_of_turn, pad_id: int, image_root: str | None = None, sample_ids=None):
+    def __init__(self, cache_dir, processor, end_of_turn, pad_id: int, image_root: str | None = None, sample_ids=None,
+                 teacher: bool = True):
         self.reader = CacheReader(cache_dir)
+        self.teacher = teacher  # False: the student side only (stage 3 needs no teacher arrays)
         self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
         data = self.reader.manifest.data
         self.image_root = image_root or data.image_root or _builtin_root(data.source)
@@ -59,9 +61,12 @@ class CacheStudentData(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> StudentItem:
         sid = self.sample_ids[i]
-        cached, meta = self.reader.get(sid), self.reader.sample_meta(sid)
+        meta = self.reader.sample_meta(sid)
         images = [open_image_ref(ref, self.reader.root, self.image_root) for ref in meta["images"]]
         encoded = encode_sample(self.processor, sid, meta["messages"], images, meta["answer"], self.end_of_turn)
+        if not self.teacher:
+            return StudentItem(sid, encoded)
+        cached = self.reader.get(sid)
         topk = None
         if cached.topk_ids is not None:
             topk = TopKTarget(torch.from_numpy(cached.topk_ids), torch.from_numpy(cached.topk_logprobs.astype("float32")),

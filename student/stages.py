@@ -81,8 +81,10 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
         data = SourceStudentData(cfg.data, vlm.processor, eot, pad_id, cfg.image_root, cfg.data_limit)
     else:
         reader = CacheReader(cfg.cache)
-        head = _teacher_head(cfg, reader, device, bf16)  # clear error if missing or not matching the manifest
-        data = CacheStudentData(cfg.cache, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids)
+        # clear error if missing or not matching the manifest; stage 3 (plain SFT) does not use it
+        head = _teacher_head(cfg, reader, device, bf16) if cfg.stage != 3 else None
+        data = CacheStudentData(cfg.cache, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids,
+                                teacher=cfg.stage != 3)
     rec = _recalibrator(cfg, student, reader, out if state else None, device)
     if cfg.gradient_checkpointing and cfg.stage in (2, 3):
         enable_gradient_checkpointing(student, rec)
