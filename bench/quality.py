@@ -107,7 +107,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         accs = [100 * r["accuracy"] for r in runs]
         table.append({"regime": regime, "variant": variant, "seeds": len(runs), "mean": statistics.mean(accs),
                       "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
-                      "train_seconds": statistics.mean(r["seconds"] for r in runs),
+                      "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
                       **{k: statistics.mean(100 * (r["per_type"].get(k, {}).get("accuracy") or 0) for r in runs)
                          for k in ("shape", "color", "yes/no")}})
     return table
@@ -177,7 +177,7 @@ def main() -> None:
                 out = args.work / regime / variant / f"seed{seed}"
                 seconds = train_variant(variant, cache, student, out, seed, args.steps, ids)
                 result = test_accuracy(out / "stage3", args.test)
-                rows.append({"regime": regime, "variant": variant, "seed": seed, "seconds": seconds, **result})
+                rows.append({**result, "regime": regime, "variant": variant, "seed": seed, "train_seconds": seconds})
                 print(f"{regime:4s} {variant:16s} seed {seed}: {100 * result['accuracy']:.1f}% ({seconds:.0f} s)",
                       flush=True)
     table = summarize(rows)
