@@ -85,6 +85,9 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
         head = _teacher_head(cfg, reader, device, bf16) if cfg.stage != 3 else None
         data = CacheStudentData(cfg.cache, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids,
                                 teacher=cfg.stage != 3)
+    if len(data) == 0:
+        raise ValueError(f"{cfg.cache or cfg.data}: no samples to train on (a cache whose samples were all rejected? "
+                         "see `pipeline inspect`)")
     rec = _recalibrator(cfg, student, reader, out if state else None, device)
     if cfg.gradient_checkpointing and cfg.stage in (2, 3):
         enable_gradient_checkpointing(student, rec)

@@ -106,3 +106,9 @@ def test_two_process_fsdp_matches_one_process_and_saves_a_stock_folder(tmp_path,
     for name in one:
         torch.testing.assert_close(fsdp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     load_vlm(tmp_path / "fsdp" / "stage2")  # the gathered checkpoint is a stock folder
+
+
+def test_nothing_to_train_on_is_a_clear_error(tmp_path, pair_cache, pair_student):
+    # e.g. a cache whose samples were all rejected: the loop must not wait for batches that never come
+    with pytest.raises(ValueError, match="no samples to train on"):
+        train_stage(config(pair_cache, pair_student, tmp_path / "run", 1, sample_ids=()), progress=False)
