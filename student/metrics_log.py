@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from student.train_setup import METRICS_FILE
+
 TENSORBOARD_DIR = "tensorboard"
 
 
