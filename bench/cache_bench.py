@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.inspect_cache import cache_summary
-from pipeline.reader import CacheReader
-from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
-from pipeline.writer import CacheWriter, TeacherSample
+from pipeline.store.inspect_cache import cache_summary
+from pipeline.store.reader import CacheReader
+from tests.synthetic import SyntheticTeacher, synthetic_manifest
+from pipeline.store.writer import CacheWriter, TeacherSample
 
 K = 64
 SYNTH_VOCAB = 32000

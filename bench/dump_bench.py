@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from pipeline.dump import dump_teacher
-from pipeline.dump_setup import DumpConfig
-from pipeline.inspect_cache import cache_summary
-from pipeline.tiny import build_tiny_vlm
+from pipeline.dump_config import DumpConfig
+from pipeline.store.inspect_cache import cache_summary
+from pipeline.vlm.tiny import build_tiny_vlm
 
 TEACHERS = {  # name -> text-config overrides of qwen2-vl-tiny
     "tiny (d=128, 4 layers)": {},

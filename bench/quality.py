@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.reader import CacheReader  # noqa: E402
-from student.step import LossConfig  # noqa: E402
+from pipeline.store.reader import CacheReader  # noqa: E402
+from student.config import LossConfig  # noqa: E402
 
 VARIANTS = {
     "sft": None,
@@ -45,8 +45,8 @@ REGIMES = {"full": 1.0, "low": 0.1}
 
 def dump_pool(demo: Path, work: Path, pool: int) -> Path:
     from pipeline.dump import dump_teacher
-    from pipeline.dump_setup import DumpConfig
-    from pipeline.responses import GenerationSettings
+    from pipeline.dump_config import DumpConfig
+    from pipeline.vlm.generation import GenerationSettings
 
     cache = work / "cache"
     dump_teacher(DumpConfig(model=str(demo / "teacher" / "stage3"), data="easy-vqa:train", out=str(cache), limit=pool,
@@ -56,7 +56,7 @@ def dump_pool(demo: Path, work: Path, pool: int) -> Path:
 
 
 def regime_ids(cache: Path, fraction: float) -> tuple[str, ...] | None:
-    from pipeline.reader import CacheReader
+    from pipeline.store.reader import CacheReader
 
     if fraction >= 1.0:
         return None
@@ -67,8 +67,9 @@ def regime_ids(cache: Path, fraction: float) -> tuple[str, ...] | None:
 
 def train_variant(variant: str, cache: Path, student: Path, out: Path, seed: int, steps: list[int], ids) -> float:
     """Train one variant from the student init; returns the wall time of its training stages."""
-    from student.stages import train_stage
-    from student.train_setup import FINISHED_FILE, TrainConfig
+    from student.loop import train_stage
+    from student.checkpoint import FINISHED_FILE
+    from student.config import TrainConfig
 
     common = dict(cache=str(cache), student=str(student), out=str(out), seed=seed, batch_size=16, lr=1e-3, lr_end=1e-4,
                   num_workers=1, sample_ids=ids, train_vision_encoder=True, attention_every=25)
@@ -90,7 +91,7 @@ def train_variant(variant: str, cache: Path, student: Path, out: Path, seed: int
 
 
 def test_accuracy(model: Path, test: int) -> dict:
-    from student.evaluate import default_output, evaluate
+    from pipeline.vlm.evaluate import default_output, evaluate
 
     path = default_output(str(model), "easy-vqa:test", test)
     if path.exists():

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).parent / "results" / "train_bench.md"
 
 def loss_memory(mode: str) -> float:
     """Peak extra MiB of one loss forward+backward (run in this process; call it in a fresh one)."""
-    from pipeline.features import TeacherHead
+    from pipeline.store.teacher_head import TeacherHead
     from student.losses import chunk_losses, head_losses
 
     g = torch.Generator().manual_seed(0)
@@ -49,8 +49,8 @@ def loss_memory(mode: str) -> float:
 
 def pair(workdir: Path):
     from pipeline.dump import dump_teacher
-    from pipeline.dump_setup import DumpConfig
-    from pipeline.tiny import build_tiny_vlm
+    from pipeline.dump_config import DumpConfig
+    from pipeline.vlm.tiny import build_tiny_vlm
 
     teacher = build_tiny_vlm("qwen2-vl-tiny", workdir / "teacher", tokenizer="qwen2")
     student = build_tiny_vlm("llava-tiny", workdir / "student", tokenizer="mistral", hidden_size=64, intermediate_size=256)
@@ -60,12 +60,13 @@ def pair(workdir: Path):
 
 
 def step_times(cache: Path, student_dir: Path, repeats: int = 8) -> dict:
-    from pipeline.features import TeacherHead
-    from pipeline.models import end_of_turn_ids, load_vlm
-    from pipeline.teacher_files import load_teacher_head
+    from pipeline.store.teacher_head import TeacherHead
+    from pipeline.vlm.models import end_of_turn_ids, load_vlm
+    from pipeline.store.teacher_head import load_teacher_head
     from student.batches import CacheStudentData
     from student.recalibrator import Recalibrator
-    from student.step import LossConfig, genrecal_losses, student_ce, student_forward
+    from student.config import LossConfig
+    from student.step import genrecal_losses, student_ce, student_forward
 
     vlm = load_vlm(student_dir)
     data = CacheStudentData(cache, vlm.processor, end_of_turn_ids(vlm.tokenizer, vlm.processor.chat_template),
@@ -92,8 +93,8 @@ def step_times(cache: Path, student_dir: Path, repeats: int = 8) -> dict:
 
 
 def loader_wait(cache: Path, student_dir: Path, workers: int, workdir: Path) -> float:
-    from student.stages import train_stage
-    from student.train_setup import TrainConfig
+    from student.loop import train_stage
+    from student.config import TrainConfig
 
     cfg = TrainConfig(cache=str(cache), student=str(student_dir), out=str(workdir / f"run{workers}"), stage=1,
                       steps=8, batch_size=8, num_workers=workers)

@@ -59,8 +59,8 @@ def main() -> None:
 def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, seed, num_workers, worker_index, **options):
     """Run the teacher once over --data and write the cache to --out (rerun to resume)."""
     from pipeline.dump import dump_teacher
-    from pipeline.dump_setup import DumpConfig, workers_from_env
-    from pipeline.responses import GenerationSettings
+    from pipeline.dump_config import DumpConfig, workers_from_env
+    from pipeline.vlm.generation import GenerationSettings
 
     n, i = workers_from_env(num_workers, worker_index)
     generation = GenerationSettings(max_new_tokens, temperature, top_p, seed)
@@ -81,7 +81,7 @@ def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, see
 @click.option("--seed", type=int, default=0, show_default=True)
 def build_tiny_command(name: str, out: str, seed: int) -> None:
     """Build a named tiny VLM with random weights (demo-teacher, demo-student, qwen2-vl-tiny, llava-tiny, ...)."""
-    from pipeline.demo import build_named
+    from pipeline.demo.run import build_named
 
     folder = _or_fail(build_named, name, out, seed)
     click.echo(f"wrote {folder}")
@@ -93,7 +93,7 @@ def build_tiny_command(name: str, out: str, seed: int) -> None:
 @click.option("--quick", is_flag=True, help="Tiny settings: a few minutes (what CI runs).")
 def demo_command(out: str | None, quick: bool) -> None:
     """Train a tiny teacher, dump it, distil a student of another family and tokenizer, compare with SFT."""
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     try:
         run_demo(out or ("runs/demo-quick" if quick else "runs/demo"), quick=quick, echo=click.echo)
@@ -107,7 +107,7 @@ def demo_command(out: str | None, quick: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(cache: str, as_json: bool) -> None:
     """Summarise CACHE: samples, tokens, bytes per token per array, teacher and settings."""
-    from pipeline.inspect_cache import cache_summary, format_summary
+    from pipeline.store.inspect_cache import cache_summary, format_summary
 
     summary = _or_fail(cache_summary, cache)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
@@ -118,7 +118,7 @@ def inspect_command(cache: str, as_json: bool) -> None:
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar over shards.")
 def verify_command(cache: str, progress: bool) -> None:
     """Check CACHE's schema, checksums and arrays; exit 1 listing every bad shard."""
-    from pipeline.verify import verify_cache
+    from pipeline.store.verify import verify_cache
 
     report = _or_fail(verify_cache, cache, progress=progress)
     for warning in report.warnings:
@@ -144,9 +144,9 @@ def _or_fail(fn, *args, **kwargs):
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input: reported in one line, never with a traceback."""
-    from pipeline.data import DataError
-    from pipeline.encoding import EncodingBoundError
-    from pipeline.models import ModelLoadError
+    from pipeline.vlm.data import DataError
+    from pipeline.store.encoding import EncodingBoundError
+    from pipeline.vlm.models import ModelLoadError
 
     return CacheFormatError, CacheMismatchError, DataError, EncodingBoundError, ModelLoadError
 

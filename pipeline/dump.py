@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.data import BadSample, DataSample, ImageError, read_samples
-from pipeline.images import store_image
-from pipeline.dump_batches import FeaturePass, pack_batches
-from pipeline.dump_generate import ResponseLog, generate_responses, make_generator
-from pipeline.dump_setup import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
-from pipeline.layout import committed_sample_ids
-from pipeline.models import load_processor, resolve_model
-from pipeline.prompting import TemplateError, encode_sample
-from pipeline.responses import answers_agree, resolve_backend
-from pipeline.writer import CacheWriter
+from pipeline.vlm.data import BadSample, DataSample, ImageError, read_samples
+from pipeline.vlm.images import store_image
+from pipeline.feature_pass import FeaturePass, pack_batches
+from pipeline.response_log import ResponseLog, generate_responses, make_generator
+from pipeline.dump_config import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
+from pipeline.store.layout import committed_sample_ids
+from pipeline.vlm.models import load_processor, resolve_model
+from pipeline.vlm.prompting import TemplateError, encode_sample
+from pipeline.vlm.answers import answers_agree
+from pipeline.vlm.generation import resolve_backend
+from pipeline.store.writer import CacheWriter
 
 
 @dataclass

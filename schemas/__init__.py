@@ -5,14 +5,30 @@ reasons behind the layout.
 """
 
 from schemas.errors import CacheFormatError, CacheMismatchError
-from schemas.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
+from schemas.layout import (
+    HEAD_BIAS,
     HEAD_FILE,
+    HEAD_FORMAT,
+    HEAD_WEIGHT,
+    IMAGES_DIR,
+    LOCKS_DIR,
     MANIFEST_FILE,
-    MIN_COSINE,
+    PATH_REF,
+    RESPONSES_DIR,
+    SHA256_REF,
     SHARDS_DIR,
     TEACHER_DIR,
+    TEACHER_HF_DIR,
+    image_file,
+    parse_image_ref,
+    path_ref,
+    sha256_ref,
+)
+from schemas.manifest import (
+    CODEC_NAMES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MIN_COSINE,
     CacheManifest,
     DataInfo,
     FeatureEncoding,
@@ -38,8 +54,10 @@ from schemas.shard import (
 from schemas.tables import REJECT_COLUMNS, SAMPLE_COLUMNS
 
 __all__ = [
-    "ARRAY_SPECS", "ARRAYS_DIR", "FORMAT_NAME", "FORMAT_VERSION", "HEAD_FILE", "INDEX_FILE", "MANIFEST_FILE", "MIN_COSINE",
-    "REJECTS_FILE", "REJECT_COLUMNS", "SAMPLES_FILE", "SAMPLE_COLUMNS", "SHARDS_DIR", "TEACHER_DIR", "TMP_PREFIX",
+    "ARRAY_SPECS", "ARRAYS_DIR", "CODEC_NAMES", "FORMAT_NAME", "FORMAT_VERSION", "HEAD_BIAS", "HEAD_FILE", "HEAD_FORMAT",
+    "HEAD_WEIGHT", "IMAGES_DIR", "INDEX_FILE", "LOCKS_DIR", "MANIFEST_FILE", "MIN_COSINE", "PATH_REF", "RESPONSES_DIR",
+    "REJECTS_FILE", "REJECT_COLUMNS", "SAMPLES_FILE", "SAMPLE_COLUMNS", "SHA256_REF", "SHARDS_DIR", "TEACHER_DIR",
+    "TEACHER_HF_DIR", "TMP_PREFIX", "image_file", "parse_image_ref", "path_ref", "sha256_ref",
     "ArrayRecord", "CacheFormatError", "CacheManifest", "CacheMismatchError", "DataInfo", "FeatureEncoding",
     "PositionsInfo", "ResponsesInfo", "ShardIndex", "StorageInfo", "TeacherInfo", "TopKInfo", "expected_arrays",
     "read_json", "read_manifest",

@@ -10,20 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from schemas.dataclass_io import from_dict, to_dict
+from schemas.layout import MANIFEST_FILE
 from schemas.errors import CacheFormatError, CacheMismatchError
 
 FORMAT_NAME = "genrecal-teacher-cache"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-TEACHER_DIR = "teacher"
-HEAD_FILE = "teacher/head.safetensors"
-SHARDS_DIR = "shards"
 
 FeatureEncodingName = Literal["bf16", "fp8_e4m3", "int8"]
 CodecName = Literal["none", "zstd1", "zstd3", "blosc-zstd3-shuffle", "blosc-zstd3-bitshuffle", "blosc-lz4-bitshuffle"]
+CODEC_NAMES: tuple[str, ...] = get_args(CodecName)
 
 # Stated worst-case per-token cosine similarity to the source; the writer refuses a sample that misses it.
 MIN_COSINE = {"bf16": 1.0, "fp8_e4m3": 0.999, "int8": 0.999}
@@ -94,7 +92,8 @@ class DataInfo:
     source: str
     """Data source as given (a file, a folder, or a built-in name like easy-vqa:train)."""
     image_root: str | None = None
-    """Root folder that `path:` image references in the sample table are relative to."""
+    """Absolute root folder that `path:` image references in the sample table are relative to (resolved at dump
+    time: the given --image-root, or a built-in data set's own folder)."""
 
 
 @dataclass(frozen=True)

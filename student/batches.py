@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.data import BadSample, DataError, image_root_for, read_samples
-from pipeline.images import open_image_ref
-from pipeline.prompting import EncodedSample, collate, encode_sample
-from pipeline.reader import CacheReader
+from pipeline.vlm.data import BadSample, DataError, read_samples
+from pipeline.vlm.images import open_image_ref
+from pipeline.vlm.prompting import EncodedSample, collate, encode_sample
+from pipeline.store.reader import CacheReader
 from student.losses import TopKTarget
 
 
@@ -35,7 +35,7 @@ class StudentItem:
 
 @dataclass
 class StudentBatch:
-    inputs: dict  # right-padded student prompt + answer (collate of pipeline.prompting)
+    inputs: dict  # right-padded student prompt + answer (collate of pipeline.vlm.prompting)
     items: list[StudentItem]
 
     @property
@@ -52,7 +52,7 @@ class CacheStudentData(torch.utils.data.Dataset):
         self.teacher = teacher  # False: the student side only (stage 3 needs no teacher arrays)
         self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
         data = self.reader.manifest.data
-        self.image_root = image_root or data.image_root or _builtin_root(data.source)
+        self.image_root = image_root or data.image_root
         self.sample_ids = list(sample_ids) if sample_ids is not None else self.reader.sample_ids
         self.lengths = [self.reader.num_tokens(sid) for sid in self.sample_ids]  # teacher answer lengths, for grouping
 
@@ -143,5 +143,24 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
-def _builtin_root(source: str) -> str | None:
-    return image_root_for(source) if source.startswith("easy-vqa") else None
+
+def make_loader(data, cfg, first: int, rank: int = 0, world: int = 1):
+    """Iterator over this rank's micro-batches from global micro-batch `first` on (a resumed run skips
+    what was done; rank r of W takes every W-th). With num_workers > 0, worker processes read the cache
+    and run the student's processor."""
+    order = batch_order(data, cfg, world)[first:][rank::world]
+    loader = torch.utils.data.DataLoader(
+        data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+    return iter(loader)
+
+
+def batch_order(data, cfg, world: int = 1) -> list[list[int]]:
+    """Enough length-grouped batches for the whole stage on all ranks, epoch after epoch, fixed by the seed."""
+    sampler = LengthGroupedSampler(data.lengths, cfg.batch_size, seed=cfg.seed)
+    order, needed = [], cfg.steps * cfg.grad_accum * world
+    while len(order) < needed:
+        order += sampler.batches()
+        sampler.epoch += 1
+    return order

@@ -62,9 +62,9 @@ def main() -> None:
 def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, student_ce_weight, resume, progress,
                   **options):
     """Train one GenRecal stage against a teacher cache (or, stage 3, plain SFT on a data source)."""
-    from student.stages import train_stage
-    from student.step import LossConfig
-    from student.train_setup import TrainConfig
+    from student.loop import train_stage
+    from student.config import LossConfig
+    from student.config import TrainConfig
 
     loss = LossConfig(teacher_distribution=teacher_distribution, regularizer=not no_regularizer, ce_weight=ce_weight,
                       kl_weight=kl_weight, student_ce_weight=student_ce_weight)
@@ -92,7 +92,7 @@ def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, st
 @click.option("--progress/--no-progress", default=True)
 def eval_command(**options):
     """Greedy exact-match accuracy of MODEL on DATA, overall and per question type."""
-    from student.evaluate import evaluate
+    from pipeline.vlm.evaluate import evaluate
 
     try:
         result = evaluate(**options)

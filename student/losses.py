@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.features import TeacherHead
+from pipeline.store.teacher_head import TeacherHead
 
 
 @dataclass

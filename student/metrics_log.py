@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from student.train_setup import METRICS_FILE
+from student.checkpoint import METRICS_FILE
 
 TENSORBOARD_DIR = "tensorboard"
 

@@ -1,5 +1,4 @@
-"""How a stage runs on its hardware: precision, gradient checkpointing, FSDP2 sharding, clipping and
-gathering the full student for a checkpoint.
+"""How a stage runs on its hardware: precision, gradient checkpointing, FSDP2 sharding, clipping.
 
 Two ways to use several GPUs, both launched by torchrun (see README "Several GPUs"):
 - data parallel (default): every rank holds the whole student, Recalibrator and teacher head;
@@ -72,34 +71,3 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
         for g in grads:
             g.mul_(scale)
     return total
-
-
-def full_student_state(student, sharded: bool) -> dict | None:
-    """The full state dict of a sharded student on rank 0 (None on other ranks; every rank must call)."""
-    if not sharded:
-        return None
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if dist.get_rank() == 0 else None
-
-
-def optimizer_state(model_parts, optimizer, sharded: bool) -> dict:
-    """The optimizer state as a plain dict; for FSDP, gathered in full (every rank must call)."""
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model_parts, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model_parts, optimizer, state: dict, sharded: bool) -> None:
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model_parts, optimizer, state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))

@@ -11,36 +11,15 @@ Stage 2 (Alg. 3) adds the student's own CE on its answer tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.features import TeacherHead
-from pipeline.models import head_logits
+from pipeline.store.teacher_head import TeacherHead
+from pipeline.vlm.models import head_logits
 from student.batches import StudentBatch
+from student.config import LossConfig
 from student.losses import TopKTarget, head_losses
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Which terms and how they are weighted."""
-
-    teacher_distribution: str = "exact"
-    """exact: head applied to cached features; topk: cached top-k plus one tail bucket."""
-    regularizer: bool = True
-    """Apply Alg. 2 on samples that have cached question features."""
-    ce_weight: float = 1.0
-    """Weight of CE(head(r_al), gt_l) (and of the regularizer's CE)."""
-    kl_weight: float = 1.0
-    """Weight of KL(teacher || recalibrated) (and of the regularizer's KL)."""
-    student_ce_weight: float = 1.0
-    """Weight of the student's own CE (stage 2)."""
-    chunk_tokens: int = 1024
-    """Positions per teacher-head chunk."""
-    temperature: float = 1.0
-    """Softmax temperature of the KL terms."""
 
 
 def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
-from pipeline.teacher_files import write_teacher_head
-from pipeline.writer import CacheWriter
+from tests.synthetic import SyntheticTeacher, synthetic_manifest
+from pipeline.store.teacher_head import write_teacher_head
+from pipeline.store.writer import CacheWriter
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from pipeline.dump import dump_teacher
-from pipeline.dump_setup import DumpConfig
-from pipeline.models import load_vlm
+from pipeline.dump_config import DumpConfig
+from pipeline.vlm.models import load_vlm
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def _sharpen_head(folder, factor):
 @pytest.fixture(scope="session")
 def pair_student(tiny_vlm_dir):
     # LLaVA (Llama) student with the real Mistral tokenizer, hidden 64 vs the teacher's 128
-    from pipeline.tiny import build_tiny_vlm
+    from pipeline.vlm.tiny import build_tiny_vlm
 
     folder = tiny_vlm_dir("llava-tiny", "mistral").parent / "llava-small"
     if not folder.exists():

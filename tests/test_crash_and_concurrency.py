@@ -6,11 +6,11 @@ import subprocess
 
 import numpy as np
 
-from pipeline.reader import CacheReader
-from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
-from pipeline.teacher_files import write_teacher_head
-from pipeline.verify import verify_cache
-from pipeline.writer import CacheWriter
+from pipeline.store.reader import CacheReader
+from tests.synthetic import SyntheticTeacher, synthetic_manifest
+from pipeline.store.teacher_head import write_teacher_head
+from pipeline.store.verify import verify_cache
+from pipeline.store.writer import CacheWriter
 from tests.conftest import PYTHON, REPO
 
 SCRIPT = str(REPO / "tests" / "writer_proc.py")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.data import (
+from pipeline.vlm.data import (
     BadSample,
     DataError,
     DataSample,
@@ -20,7 +20,7 @@ from pipeline.data import (
     read_samples,
     samples_from_records,
 )
-from pipeline.images import path_image
+from pipeline.vlm.images import path_image
 
 IMG = {"type": "image"}
 RED, GREEN = (255, 0, 0), (0, 128, 0)

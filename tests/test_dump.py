@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pipeline.dump import dump_teacher
-from pipeline.dump_setup import DumpConfig
-from pipeline.models import load_vlm
-from pipeline.reader import CacheReader
-from pipeline.responses import GenerationSettings
-from pipeline.teacher_files import load_teacher_head
-from pipeline.verify import verify_cache
+from pipeline.dump_config import DumpConfig
+from pipeline.vlm.models import load_vlm
+from pipeline.store.reader import CacheReader
+from pipeline.vlm.generation import GenerationSettings
+from pipeline.store.teacher_head import load_teacher_head
+from pipeline.store.verify import verify_cache
 
 FAMILIES = [("qwen2-vl-tiny", "qwen2"), ("internvl-tiny", "tiny-bpe"), ("llava-onevision-tiny", "tiny-bpe")]
 
@@ -75,8 +75,8 @@ def test_cache_matches_a_direct_forward(tmp_path, tiny_vlm_dir, family, tokenize
 
 
 def _load(ref):
-    from pipeline.data import image_root_for
-    from pipeline.images import resolve_under
+    from pipeline.vlm.data import image_root_for
+    from pipeline.vlm.images import resolve_under
     from PIL import Image
 
     kind, rel = ref.split(":", 1)
@@ -145,7 +145,7 @@ def test_in_memory_images_travel_with_the_cache(tmp_path, tiny_vlm_dir, tiny_ima
 
     import datasets
 
-    from pipeline.images import open_image_ref
+    from pipeline.vlm.images import open_image_ref
 
     buf = io.BytesIO()
     tiny_image.save(buf, format="PNG")

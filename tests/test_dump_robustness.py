@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from pipeline.cli import main as pipeline_cli
 from pipeline.dump import dump_teacher
-from pipeline.dump_setup import DumpConfig
-from pipeline.reader import CacheReader
-from pipeline.verify import verify_cache
+from pipeline.dump_config import DumpConfig
+from pipeline.store.reader import CacheReader
+from pipeline.store.verify import verify_cache
 from tests.conftest import REPO
 from tests.tiny_fixtures import make_tiny_image
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from schemas import MIN_COSINE
-from pipeline.encoding import FP8_E4M3_TABLE, decode_features, encode_features, float32_to_bf16_bits
+from pipeline.store.encoding import FP8_E4M3_TABLE, decode_features, encode_features, float32_to_bf16_bits
 
 
 def test_bf16_tensor_bits_are_kept_exactly():

@@ -8,11 +8,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.data import DataError, read_samples
-from pipeline.models import ModelLoadError, end_of_turn_ids, load_vlm
-from pipeline.prompting import render
+from pipeline.vlm.data import DataError, read_samples
+from pipeline.vlm.models import ModelLoadError, end_of_turn_ids, load_vlm
+from pipeline.vlm.prompting import render
 from student.cli import main
-from student.evaluate import GreedyPredictor, data_slug, evaluate, is_match, normalize, question_text
+from pipeline.vlm.answers import is_match, normalize_answer
+from pipeline.vlm.evaluate import GreedyPredictor, data_slug, evaluate, question_text
 
 FAMILIES = [("qwen2-vl-tiny", "qwen2"), ("llava-tiny", "mistral")]
 
@@ -73,7 +74,7 @@ def test_normalized_mismatches(prediction, answer):
 
 
 def test_normalize_and_slug():
-    assert normalize("  The   Big  Circle?! ") == "big circle"
+    assert normalize_answer("  The   Big  Circle?! ") == "big circle"
     assert data_slug("easy-vqa:test") == "easy-vqa-test"
     assert data_slug("easy-vqa:test", 50) == "easy-vqa-test-limit50"
     assert data_slug("/data/sets/my vqa.jsonl") == "my-vqa.jsonl"

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.features import TeacherHead, head_statistics, stored_positions, wants_question_features
-from pipeline.responses import GenerationSettings, VLLMGenerator, answers_agree, resolve_backend
+from pipeline.store.teacher_head import TeacherHead
+from pipeline.feature_pass import head_statistics, stored_positions, wants_question_features
+from pipeline.vlm.answers import answers_agree
+from pipeline.vlm.generation import GenerationSettings, VLLMGenerator, resolve_backend
 
 
 def reference_statistics(head: TeacherHead, features: torch.Tensor, k: int) -> dict:

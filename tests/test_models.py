@@ -1,4 +1,4 @@
-"""Loading VLMs (pipeline.models) and the tiny offline families (pipeline.tiny)."""
+"""Loading VLMs (pipeline.vlm.models) and the tiny offline families (pipeline.vlm.tiny)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.models import (
+from pipeline.vlm.models import (
     MODEL_ALIASES,
     ModelLoadError,
     _resolve_dtype,
@@ -22,7 +22,7 @@ from pipeline.models import (
     resolve_model,
     save_processor,
 )
-from pipeline.tiny import build_tiny_vlm, real_tokenizer
+from pipeline.vlm.tiny import build_tiny_vlm, real_tokenizer
 from tests.tiny_fixtures import TINY_FAMILIES, tiny_image, tiny_inputs, tiny_vlm, tiny_vlm_dir  # noqa: F401
 
 FAMILY_IDS = [f"{name}+{tok}" for name, tok in TINY_FAMILIES]
@@ -188,7 +188,7 @@ def test_cached_hub_id_loads_offline(tiny_vlm_dir, tmp_path, monkeypatch):
 
     import huggingface_hub.constants
 
-    import pipeline.models
+    import pipeline.vlm.models
 
     repo = tmp_path / "hub" / "models--genrecal-test--tiny-internvl"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -196,7 +196,7 @@ def test_cached_hub_id_loads_offline(tiny_vlm_dir, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(pipeline.models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pipeline.vlm.models, "_hub_reachable", lambda timeout=3.0: False)
     start = time.monotonic()
     vlm = load_vlm("genrecal-test/tiny-internvl")
     assert time.monotonic() - start < 10

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.models import load_vlm
+from pipeline.vlm.models import load_vlm
 from student.recalibrator import STUDENT, TEACHER, Recalibrator, language_model
 
 STUDENTS = [("llava-tiny", "tiny-bpe"), ("qwen2-vl-tiny", "tiny-bpe"), ("internvl-tiny", "tiny-bpe")]

@@ -7,7 +7,7 @@ import pytest
 
 from schemas import CacheFormatError, CacheManifest, CacheMismatchError, ShardIndex
 from schemas.generate import SCHEMA_FILES, HERE, render
-from pipeline.synthetic import synthetic_manifest
+from tests.synthetic import synthetic_manifest
 
 
 def test_manifest_round_trip_through_json():

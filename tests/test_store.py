@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from schemas import CacheMismatchError
-from pipeline.encoding import EncodingBoundError
-from pipeline.reader import CacheReader
-from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
-from pipeline.writer import CacheWriter
+from pipeline.store.encoding import EncodingBoundError
+from pipeline.store.reader import CacheReader
+from tests.synthetic import SyntheticTeacher, synthetic_manifest
+from pipeline.store.writer import CacheWriter
 from tests.conftest import write_cache
 
 

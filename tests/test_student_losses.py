@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.features import TeacherHead, head_statistics
+from pipeline.store.teacher_head import TeacherHead
+from pipeline.feature_pass import head_statistics
 from student.losses import TopKTarget, chunk_losses, head_losses
 
 

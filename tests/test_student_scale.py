@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from pipeline.models import load_vlm
-from student.stages import train_stage
+from pipeline.vlm.models import load_vlm
+from student.loop import train_stage
 from tests.test_student_train import config, weights
 
 TERMS_2 = ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total")

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from pipeline.features import TeacherHead
-from pipeline.models import end_of_turn_ids, load_vlm
-from pipeline.teacher_files import load_teacher_head
+from pipeline.store.teacher_head import TeacherHead
+from pipeline.vlm.models import end_of_turn_ids, load_vlm
+from pipeline.store.teacher_head import load_teacher_head
 from student.batches import CacheStudentData, LengthGroupedSampler
 from student.recalibrator import Recalibrator
-from student.step import LossConfig, genrecal_losses
+from student.config import LossConfig
+from student.step import genrecal_losses
 
 
 @pytest.fixture

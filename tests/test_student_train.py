@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models import load_vlm
-from student.stages import train_stage
-from student.train_setup import TrainConfig, is_vision_encoder
+from pipeline.vlm.models import load_vlm
+from student.loop import train_stage
+from student.config import TrainConfig
+from student.trainable import is_vision_encoder
 
 
 def config(cache, student, out, stage, **kw):
@@ -76,8 +77,8 @@ def test_missing_teacher_head_fails_before_training(tmp_path, pair_cache, pair_s
 
 def test_internvl_teacher_to_qwen2_vl_student_with_other_vocabulary(tmp_path, tiny_vlm_dir):
     from pipeline.dump import dump_teacher
-    from pipeline.dump_setup import DumpConfig
-    from pipeline.reader import CacheReader
+    from pipeline.dump_config import DumpConfig
+    from pipeline.store.reader import CacheReader
 
     cache = tmp_path / "cache"
     dump_teacher(DumpConfig(model=str(tiny_vlm_dir("internvl-tiny", "qwen2")), data="easy-vqa:train", out=str(cache),

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main as pipeline_cli
-from pipeline.verify import verify_cache
+from pipeline.store.verify import verify_cache
 
 
 def run(*args):
@@ -40,7 +40,7 @@ def test_flipped_byte_in_chunk_file_names_the_shard(small_cache, array):
 
 
 def test_array_read_fails_loudly_on_corruption_even_without_verify(small_cache):
-    from pipeline.reader import CacheReader
+    from pipeline.store.reader import CacheReader
 
     root, _ = small_cache
     reader = CacheReader(root)

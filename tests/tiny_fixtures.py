@@ -48,7 +48,7 @@ def tiny_image() -> Image.Image:
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory):
     """Factory: tiny_vlm_dir(name, tokenizer) -> folder, built once per session."""
-    from pipeline.tiny import build_tiny_vlm
+    from pipeline.vlm.tiny import build_tiny_vlm
 
     built = {}
 
@@ -64,7 +64,7 @@ def tiny_vlm_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vlm(tiny_vlm_dir):
     """Factory: tiny_vlm(name, tokenizer) -> LoadedVLM through `load_vlm(folder)`, loaded once per session."""
-    from pipeline.models import load_vlm
+    from pipeline.vlm.models import load_vlm
 
     loaded = {}
 

@@ -11,9 +11,9 @@ folder and before the rename, so the test can SIGKILL it mid-shard.
 import sys
 import time
 
-import pipeline.writer as writer_module
-from pipeline.synthetic import SyntheticTeacher, synthetic_manifest
-from pipeline.writer import CacheWriter
+import pipeline.store.writer as writer_module
+from tests.synthetic import SyntheticTeacher, synthetic_manifest
+from pipeline.store.writer import CacheWriter
 
 
 def main(argv):

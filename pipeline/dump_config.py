@@ -14,7 +14,7 @@ import torch
 
 from schemas import (
     MIN_COSINE,
-    TEACHER_DIR,
+    TEACHER_HF_DIR,
     CacheManifest,
     DataInfo,
     FeatureEncoding,
@@ -24,13 +24,11 @@ from schemas import (
     TeacherInfo,
     TopKInfo,
 )
-from pipeline.features import TeacherHead
-from pipeline.models import LoadedVLM, end_of_turn_ids, lm_head_and_scaling, load_vlm, save_processor
-from pipeline.responses import GenerationSettings, resolve_backend
-from pipeline.teacher_files import write_teacher_head
-
-HF_FILES_DIR = "hf"  # teacher/hf/: config, tokenizer, processor files and chat template
-
+from pipeline.store.teacher_head import TeacherHead
+from pipeline.vlm.data import image_root_for
+from pipeline.vlm.models import LoadedVLM, lm_head_and_scaling, load_vlm, pick_device, save_processor
+from pipeline.vlm.generation import GenerationSettings, resolve_backend
+from pipeline.store.teacher_head import write_teacher_head
 
 @dataclass(frozen=True)
 class DumpConfig:
@@ -128,20 +126,12 @@ def writer_id(cfg: DumpConfig) -> str:
     return f"w{cfg.worker_index:05d}"
 
 
-def resolve_device(cfg: DumpConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
     backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
     vlm = load_vlm(
         cfg.model,
         dtype=cfg.dtype,
-        device=resolve_device(cfg),
+        device=pick_device(cfg.device),
         device_map=cfg.device_map,
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
@@ -149,10 +139,7 @@ def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
     )
     module, scale, softcap = lm_head_and_scaling(vlm.model)
     head = TeacherHead(module.weight.detach(), getattr(module, "bias", None), scale, softcap)
-    tok = vlm.tokenizer
-    eot = set(end_of_turn_ids(tok, _chat_template(vlm)))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eot)
-    return LoadedTeacher(vlm, head, eot, pad_id, backend)
+    return LoadedTeacher(vlm, head, set(vlm.end_of_turn), vlm.pad_id, backend)
 
 
 def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
@@ -170,7 +157,7 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
             dtype=str(vlm.model.dtype).removeprefix("torch."),
             tokenizer_fingerprint=tokenizer_fingerprint(vlm.tokenizer),
             end_of_turn_token_ids=tuple(sorted(teacher.end_of_turn)),
-            chat_template=_chat_template(vlm),
+            chat_template=vlm.chat_template,
             logit_scale=head.logit_scale,
             final_logit_softcapping=head.softcap,
             head_has_bias=head.bias is not None,
@@ -182,12 +169,19 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
             keep_if_correct=cfg.keep_if_correct,
             on_incorrect=cfg.on_incorrect if cfg.keep_if_correct else None,
         ),
-        data=DataInfo(source=cfg.data + (f"[{cfg.split}]" if cfg.split else ""), image_root=cfg.image_root),
+        data=DataInfo(source=cfg.data + (f"[{cfg.split}]" if cfg.split else ""), image_root=resolved_image_root(cfg)),
         features=feature_encoding(cfg.feature_encoding, vlm.model.dtype),
         topk=TopKInfo(k=cfg.top_k, logprob_dtype=cfg.logprob_dtype),
         positions=PositionsInfo(question_features_fraction=cfg.question_features_fraction),
         storage=StorageInfo(shard_target_tokens=cfg.shard_target_tokens, chunk_tokens=cfg.chunk_tokens),
     )
+
+
+def resolved_image_root(cfg: DumpConfig) -> str | None:
+    """The absolute folder `path:` references are relative to (a built-in data set's own folder when none was
+    given), so that a student run reads the manifest instead of re-deriving it from the source's name."""
+    root = image_root_for(cfg.data, cfg.image_root, cfg.split)
+    return os.path.abspath(root) if root is not None else None
 
 
 def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncoding:
@@ -201,12 +195,11 @@ def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncodin
 
 def save_teacher_files(out: str, teacher: LoadedTeacher) -> None:
     """Head + config + tokenizer/processor + chat template under teacher/, once per cache (atomic)."""
-    root = Path(out) / TEACHER_DIR
     write_teacher_head(out, teacher.head.weight, teacher.head.bias)
-    final = root / HF_FILES_DIR
+    final = Path(out) / TEACHER_HF_DIR
     if final.exists():
         return
-    tmp = root / f".tmp-{HF_FILES_DIR}-{os.getpid()}-{os.urandom(3).hex()}"
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{os.urandom(3).hex()}")
     teacher.model.config.save_pretrained(tmp)
     save_processor(teacher.processor, tmp)
     try:
@@ -220,6 +213,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
     payload = {"vocab": sorted(tokenizer.get_vocab().items()), "special": sorted(tokenizer.all_special_tokens)}
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
-
-def _chat_template(vlm: LoadedVLM) -> str | None:
-    return getattr(vlm.processor, "chat_template", None) or getattr(vlm.tokenizer, "chat_template", None)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from schemas import (
+    LOCKS_DIR,
     MANIFEST_FILE,
     SHARDS_DIR,
     TMP_PREFIX,
@@ -39,13 +40,12 @@ from schemas import (
     read_manifest,
 )
 from pipeline import __version__
-from pipeline.encoding import check_lossy_bound, decode_features, encode_features
-from pipeline.fsutil import create_exclusive, fsync_dir, fsync_tree
-from pipeline.layout import committed_shards, load_index
-from pipeline.shard_io import write_shard
+from pipeline.store.encoding import check_lossy_bound, decode_features, encode_features
+from pipeline.store.fsutil import create_exclusive, fsync_dir, fsync_tree
+from pipeline.store.layout import committed_shards, load_index
+from pipeline.store.shard_files import write_shard
 
 WRITER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
-LOCKS_DIR = "locks"
 
 
 @dataclass

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from schemas import INDEX_FILE, REJECTS_FILE, SAMPLES_FILE, CacheFormatError, CacheManifest, read_manifest
-from pipeline.fsutil import files_under, sha256_file
-from pipeline.layout import committed_shards, load_index, shard_dir, temporary_shards
-from pipeline.shard_io import array_sha256, open_arrays, read_table
-from pipeline.teacher_files import check_teacher_head
+from pipeline.store.fsutil import files_under, sha256_file
+from pipeline.store.layout import committed_shards, load_index, shard_dir, temporary_shards
+from pipeline.store.shard_files import array_sha256, open_arrays, read_table
+from pipeline.store.teacher_head import check_teacher_head
 
 TEACHER_KEY = "teacher"
 

@@ -26,6 +26,9 @@ from typing import Callable
 
 from PIL import Image
 
+from schemas import image_file, parse_image_ref, sha256_ref
+from schemas import path_ref as format_path_ref
+
 
 class ImageError(ValueError):
     """An image cannot be used: missing, undecodable, outside the image root, ..."""
@@ -93,18 +96,18 @@ def path_ref(path: str, image_root: str | None) -> str:
         root = PurePosixPath(os.path.abspath(image_root).replace(os.sep, "/"))
         if posix.is_relative_to(root):
             posix = posix.relative_to(root)
-    return f"path:{posix.as_posix()}"
+    return format_path_ref(posix.as_posix())
 
 
 def path_image(path: str, image_root: str | None) -> ImageSpec:
     """An image given as a file path (relative to `image_root`)."""
     ref = path_ref(path, image_root)
-    return ImageSpec(ref, partial(_load_path, image_root, ref[len("path:"):]))
+    return ImageSpec(ref, partial(_load_path, image_root, parse_image_ref(ref)[1]))
 
 
 def bytes_image(data: bytes, name: str | None = None) -> ImageSpec:
     """An image given as encoded bytes (PNG, JPEG, ...); `name` is used in error messages."""
-    ref = "sha256:" + hashlib.sha256(data).hexdigest()
+    ref = sha256_ref(hashlib.sha256(data).hexdigest())
     label = f"{name} ({ref[:19]}...)" if name else f"in-memory image {ref}"
     return ImageSpec(ref, partial(_load_bytes, bytes(data), label))
 
@@ -113,25 +116,23 @@ def pil_image(img: Image.Image) -> ImageSpec:
     """An image given as a PIL image; its reference hashes its PNG encoding."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    ref = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+    ref = sha256_ref(hashlib.sha256(buf.getvalue()).hexdigest())
     return ImageSpec(ref, partial(_load_pil, img))
 
-
-CACHE_IMAGES_DIR = "images"
 
 
 def cached_image_path(cache_dir: str | os.PathLike, ref: str) -> Path:
     """Where a `sha256:` image lives in a cache: images/<2 hex>/<64 hex>.png."""
-    digest = ref.removeprefix("sha256:")
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ImageError(f"malformed image reference {ref!r}")
-    return Path(cache_dir) / CACHE_IMAGES_DIR / digest[:2] / f"{digest}.png"
+    kind, digest = _parse(ref)
+    if kind != "sha256":
+        raise ImageError(f"image reference {ref!r} is not stored in the cache (not a sha256: reference)")
+    return Path(cache_dir) / image_file(digest)
 
 
 def store_image(cache_dir: str | os.PathLike, ref: str, image: Image.Image) -> None:
     """Keep the pixels of an in-memory image in the cache (PNG, lossless), so a student run
     that has no access to the original data set can still open it. Atomic and idempotent."""
-    if not ref.startswith("sha256:"):
+    if _parse(ref)[0] != "sha256":
         return
     path = cached_image_path(cache_dir, ref)
     if path.exists():
@@ -144,11 +145,17 @@ def store_image(cache_dir: str | os.PathLike, ref: str, image: Image.Image) -> N
 
 def open_image_ref(ref: str, cache_dir: str | os.PathLike | None, image_root: str | None) -> Image.Image:
     """Open an image reference from a cache's sample table: `path:` under image_root, `sha256:` from the cache."""
-    if ref.startswith("path:"):
-        return _load_path(image_root, ref[len("path:"):])
-    if ref.startswith("sha256:"):
-        if cache_dir is None:
-            raise ImageError(f"image {ref} is stored in a cache, but no cache folder was given")
-        path = cached_image_path(cache_dir, ref)
-        return _decode(path, str(path))
-    raise ImageError(f"unknown image reference {ref!r} (expected path:... or sha256:...)")
+    kind, value = _parse(ref)
+    if kind == "path":
+        return _load_path(image_root, value)
+    if cache_dir is None:
+        raise ImageError(f"image {ref} is stored in a cache, but no cache folder was given")
+    path = cached_image_path(cache_dir, ref)
+    return _decode(path, str(path))
+
+
+def _parse(ref: str) -> tuple[str, str]:
+    try:
+        return parse_image_ref(ref)
+    except ValueError as err:
+        raise ImageError(str(err)) from None

@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 
 from schemas import HEAD_FILE, REJECT_COLUMNS, REJECTS_FILE, SAMPLE_COLUMNS, SAMPLES_FILE, CacheManifest, read_manifest
-from pipeline.encoding import decode_features
-from pipeline.layout import committed_shards, load_index, shard_dir
-from pipeline.shard_io import arrow_schema, open_arrays, read_table
+from pipeline.store.encoding import decode_features
+from pipeline.store.layout import committed_shards, load_index, shard_dir
+from pipeline.store.shard_files import arrow_schema, open_arrays, read_table
 
 TOKEN_ARRAYS = ("target_ids", "features", "feature_scales", "logsumexp", "topk_ids", "topk_logprobs", "tail_logmass")
 QUESTION_ARRAYS = ("question_features", "question_feature_scales")

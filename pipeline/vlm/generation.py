@@ -5,18 +5,18 @@
 
 vLLM is used when the `vllm` extra is installed and a GPU is there (`auto`); HF
 `generate` otherwise. The HF feature pass stays the reference for hidden states in
-either case. Generated answers can be filtered against the reference answer
-(`answers_agree`), the practice of the GenRecal paper for short-answer data.
+either case.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from pipeline.vlm.models import tokenizer_of
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class HFGenerator:
             **inputs, max_new_tokens=s.max_new_tokens, eos_token_id=self.end_of_turn, pad_token_id=self.pad_id, **sampling
         )
         new_tokens = out[0, inputs["input_ids"].shape[1] :]
-        return _tokenizer(self.processor).decode(new_tokens, skip_special_tokens=True).strip()
+        return tokenizer_of(self.processor).decode(new_tokens, skip_special_tokens=True).strip()
 
 
 class VLLMGenerator:
@@ -128,26 +128,3 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"unknown generation backend {backend!r}; choose auto, vllm or hf")
     return backend
 
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation and articles removed, whitespace collapsed (VQA-style)."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-def answers_agree(generated: str, reference: str) -> bool:
-    """True when the normalized reference appears as whole words in the normalized response.
-
-    Meant for short references ("circle", "yes"): a detailed response that states the
-    reference counts as correct. A response naming both yes and no does not.
-    """
-    gen, ref = normalize_answer(generated), normalize_answer(reference)
-    if not ref or not gen:
-        return False
-    if ref in ("yes", "no") and {"yes", "no"} <= set(gen.split()):
-        return False
-    return re.search(rf"(^| ){re.escape(ref)}( |$)", gen) is not None
-
-
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)

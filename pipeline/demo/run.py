@@ -26,10 +26,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.demo_report import collect_results, format_table, read_curves, write_figure
-from pipeline.fsutil import write_atomic
+from pipeline.demo.report import collect_results, format_table, read_curves, write_figure
+from pipeline.store.fsutil import write_atomic
 
-# Named tiny configurations (pipeline/tiny.py families): the teacher is twice the student's width.
+# Named tiny configurations (pipeline/vlm/tiny.py families): the teacher is twice the student's width.
 DEMO_TEACHER = {"family": "qwen2-vl-tiny", "tokenizer": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
                 "intermediate_size": 512, "image_size": 112, "tie_word_embeddings": True}
 DEMO_STUDENT = {"family": "llava-tiny", "tokenizer": "mistral", "hidden_size": 64, "num_hidden_layers": 4,
@@ -97,8 +97,8 @@ def plan(run: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
 
 
 def build_named(name: str, out: str | Path, seed: int = 0) -> Path:
-    """A named tiny configuration (TINY_CONFIGS) or a plain tiny family (pipeline/tiny.py FAMILIES)."""
-    from pipeline.tiny import FAMILIES, build_tiny_vlm
+    """A named tiny configuration (TINY_CONFIGS) or a plain tiny family (pipeline/vlm/tiny.py FAMILIES)."""
+    from pipeline.vlm.tiny import FAMILIES, build_tiny_vlm
 
     if name in TINY_CONFIGS:
         config = dict(TINY_CONFIGS[name])
@@ -135,7 +135,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, echo=print) -> 
 
 
 def _eval_file(folder: Path, settings: DemoSettings) -> Path:
-    from student.evaluate import default_output
+    from pipeline.vlm.evaluate import default_output
 
     return default_output(str(folder), "easy-vqa:test", settings.test_samples)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from schemas import ARRAY_SPECS, read_manifest
-from pipeline.fsutil import dir_bytes
-from pipeline.layout import committed_shards, load_index, temporary_shards
+from pipeline.store.fsutil import dir_bytes
+from pipeline.store.layout import committed_shards, load_index, temporary_shards
 
 
 def cache_summary(cache_dir: str | Path) -> dict:

@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from pipeline.images import ImageError, ImageSpec, bytes_image, path_image, pil_image
+from pipeline.vlm.images import ImageError, ImageSpec, bytes_image, path_image, pil_image
 
 __all__ = ["BadSample", "DataError", "DataSample", "ImageError", "ImageSpec", "image_root_for",
            "read_samples", "samples_from_records"]

@@ -230,7 +230,7 @@ def _text_config(tok, text_type: str, overrides: dict) -> dict:
 def _build(family: str, tok, overrides: dict):
     """(model, processor) for a family with random weights."""
     import transformers as T
-    from pipeline.models import _video_optional
+    from pipeline.vlm.models import _video_optional
 
     vision = overrides.pop("vision_config", {})
     image_size = overrides.pop("image_size", None)
@@ -303,7 +303,7 @@ def build_tiny_vlm(name: str, out_dir: str | os.PathLike, tokenizer: str | None 
                    **overrides) -> Path:
     """Build the named tiny VLM with random weights (seeded) and save it as a stock HF folder in `out_dir`.
     tokenizer: "qwen2", "mistral" or "tiny-bpe" (default per family: DEFAULT_TOKENIZER)."""
-    from pipeline.models import save_processor
+    from pipeline.vlm.models import save_processor
 
     if name not in FAMILIES:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {sorted(FAMILIES)}")

@@ -28,6 +28,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from schemas import (
     ARRAY_SPECS,
     ARRAYS_DIR,
+    CODEC_NAMES,
     INDEX_FILE,
     REJECT_COLUMNS,
     REJECTS_FILE,
@@ -37,7 +38,7 @@ from schemas import (
     CacheManifest,
     ShardIndex,
 )
-from pipeline.fsutil import dir_bytes, files_under, sha256_file
+from pipeline.store.fsutil import dir_bytes, files_under, sha256_file
 
 CODEC_PRESETS = {
     "none": lambda: [],
@@ -47,6 +48,8 @@ CODEC_PRESETS = {
     "blosc-zstd3-bitshuffle": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
     "blosc-lz4-bitshuffle": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
 }
+
+assert set(CODEC_PRESETS) == set(CODEC_NAMES), "every codec name of schemas has exactly one preset"
 
 _ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "list<string>": pa.list_(pa.string())}
 

@@ -1,25 +1,31 @@
-"""Settings of a training run, what trains in each stage, and the checkpoint folder layout.
+"""Settings of a training run: `TrainConfig` and the `LossConfig` inside it.
 
-    OUT/stage{N}/                     stock HF folder: model safetensors, config, processor/tokenizer, chat template
-    OUT/stage{N}/recalibrator/        model.safetensors + recalibrator.json (stages 1-2)
-    OUT/stage{N}/trainer_state/       optimizer, scheduler position, RNG, data order (for --resume)
-    OUT/stage{N}/train_config.json    the resolved configuration
-    OUT/stage{N}/metrics.jsonl        one line per optimizer step
+Each field's docstring is its documentation (and the help of its `student train` option).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from student.step import LossConfig
 
-RECALIBRATOR_DIR = "recalibrator"
-STATE_DIR = "trainer_state"
-CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
-FINISHED_FILE = "trainer_state/finished.json"
+@dataclass(frozen=True)
+class LossConfig:
+    """Which terms and how they are weighted."""
+
+    teacher_distribution: str = "exact"
+    """exact: head applied to cached features; topk: cached top-k plus one tail bucket."""
+    regularizer: bool = True
+    """Apply Alg. 2 on samples that have cached question features."""
+    ce_weight: float = 1.0
+    """Weight of CE(head(r_al), gt_l) (and of the regularizer's CE)."""
+    kl_weight: float = 1.0
+    """Weight of KL(teacher || recalibrated) (and of the regularizer's KL)."""
+    student_ce_weight: float = 1.0
+    """Weight of the student's own CE (stage 2)."""
+    chunk_tokens: int = 1024
+    """Positions per teacher-head chunk."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL terms."""
 
 
 @dataclass(frozen=True)
@@ -95,38 +101,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def stage_dir(cfg: TrainConfig, stage: int | None = None) -> Path:
-    return Path(cfg.out) / f"stage{cfg.stage if stage is None else stage}"
-
-
-def student_source(cfg: TrainConfig) -> str:
-    """Stage 1 starts from --student; later stages from the previous stage's output."""
-    if cfg.stage == 1 or cfg.from_student or cfg.data:
-        return cfg.student
-    previous = stage_dir(cfg, cfg.stage - 1)
-    if not (previous / FINISHED_FILE).exists():
-        raise FileNotFoundError(f"stage {cfg.stage} reads {previous}, which is missing or unfinished: run --stage {cfg.stage - 1} first")
-    return str(previous)
-
-
-def is_vision_encoder(name: str) -> bool:
-    """Parameters of the vision encoder (frozen in every stage); projectors/mergers are not."""
-    return (".vision_tower." in f".{name}" or ".visual." in f".{name}") and "merger" not in name
-
-
-def trainable_student_parameters(student, stage: int, train_vision_encoder: bool = False) -> list:
-    """Stage 1: none; stages 2-3: everything but the vision encoder (unless `train_vision_encoder`)."""
-    params = []
-    for name, p in student.named_parameters():
-        train = stage in (2, 3) and (train_vision_encoder or not is_vision_encoder(name))
-        p.requires_grad_(train)
-        if train:
-            params.append(p)
-    return params
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

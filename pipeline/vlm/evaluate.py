@@ -3,13 +3,13 @@
     student eval --model runs/a/stage3 --data easy-vqa:test                 # -> runs/a/stage3/eval/easy-vqa-test.json
     student eval --model runs/a/stage3 --data easy-vqa:test --limit 200     # -> .../eval/easy-vqa-test-limit200.json
 
-    from student.evaluate import evaluate
+    from pipeline.vlm.evaluate import evaluate
     result = evaluate("runs/a/stage3", "easy-vqa:test", limit=200, progress=False)
     result["accuracy"], result["per_type"]["shape"]["accuracy"]
 
 Greedy decoding, several prompts per `model.generate` call (left padding), stopping at the chat
-template's end-of-turn ids. A prediction is right when `normalize(prediction) == normalize(answer)`
-(lower case, trailing punctuation and leading article dropped, spaces collapsed). Samples with a
+template's end-of-turn ids. A prediction is right when it equals the answer after
+`pipeline.vlm.answers.normalize_answer` (lower case, punctuation and articles dropped, spaces collapsed). Samples with a
 `meta["question_type"]` (easy-vqa: shape, color, yes/no) are also scored per type. Malformed records
 (BadSample), images that fail to load and prompts the chat template cannot render are skipped and
 counted under "skipped".
@@ -26,29 +26,17 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from pipeline.data import BadSample, DataSample, read_samples
-from pipeline.fsutil import write_atomic
-from pipeline.images import ImageError
-from pipeline.models import end_of_turn_ids, load_vlm
-from pipeline.prompting import TemplateError, render
+from pipeline.vlm.answers import is_match
+from pipeline.vlm.data import BadSample, DataSample, read_samples
+from pipeline.store.fsutil import write_atomic
+from pipeline.vlm.images import ImageError
+from pipeline.vlm.models import load_vlm, pick_device
+from pipeline.vlm.prompting import TemplateError, render
 
-__all__ = ["GreedyPredictor", "Pending", "data_slug", "default_output", "evaluate", "is_match", "normalize", "score"]
+__all__ = ["GreedyPredictor", "Pending", "data_slug", "default_output", "evaluate", "score"]
 
 N_EXAMPLES = 20
 N_SKIP_REASONS = 20
-_ARTICLE = re.compile(r"^(a|an|the)\s+")
-_TRAILING_PUNCT = re.compile(r"[\s.,;:!?'\"`)\]}]+$")
-
-
-def normalize(text: str) -> str:
-    """'  The Circle. ' -> 'circle': lower case, trailing punctuation and a leading article dropped, spaces collapsed."""
-    text = " ".join(str(text).lower().split())
-    text = _TRAILING_PUNCT.sub("", text)
-    return _ARTICLE.sub("", text).strip()
-
-
-def is_match(prediction: str, answer: str) -> bool:
-    return normalize(prediction) == normalize(answer)
 
 
 def data_slug(data: str, limit: int | None = None) -> str:
@@ -74,13 +62,11 @@ class Predictor(Protocol):
 
 
 class GreedyPredictor:
-    """Greedy, left-padded, batched `model.generate` with a loaded VLM (`pipeline.models.LoadedVLM`)."""
+    """Greedy, left-padded, batched `model.generate` with a loaded VLM (`pipeline.vlm.models.LoadedVLM`)."""
 
     def __init__(self, vlm, max_new_tokens: int = 16):
         self.vlm, self.max_new_tokens = vlm, max_new_tokens
-        self.end_of_turn = end_of_turn_ids(vlm.tokenizer, getattr(vlm.processor, "chat_template", None))
-        pad = vlm.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.end_of_turn[0]
+        self.end_of_turn, self.pad_id = vlm.end_of_turn, vlm.pad_id
         vlm.tokenizer.padding_side = "left"  # new tokens start at the same column for every row
 
     def prompt(self, sample: DataSample) -> str:
@@ -211,14 +197,10 @@ def default_output(model: str, data: str, limit: int | None = None, skip: int = 
     return base / f"{data_slug(data, limit)}{f'-from{skip}' if skip else ''}.json"
 
 
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def evaluate(model: str, data: str, image_root: str | None = None, limit: int | None = None, batch_size: int = 16,
              max_new_tokens: int = 16, out: str | None = None, device: str = "auto", progress: bool = True,
              predictor: Predictor | None = None, skip: int = 0) -> dict:
-    """Evaluate the VLM in folder `model` on `data` (see `pipeline.data.read_samples`); write and return the result.
+    """Evaluate the VLM in folder `model` on `data` (see `pipeline.vlm.data.read_samples`); write and return the result.
 
     The JSON goes to `out`, default `<model>/eval/<data_slug(data, limit)>.json`. `limit`: only the first
     `limit` records of the source (skipped ones included); `skip`: start after the first `skip` records
@@ -229,7 +211,7 @@ def evaluate(model: str, data: str, image_root: str | None = None, limit: int | 
         raise ValueError(f"limit must be >= 0, got {limit}")
     items = read_samples(data, image_root)  # DataError now for a missing / unreadable source
     if predictor is None:
-        predictor = GreedyPredictor(load_vlm(model, device=_device(device)), max_new_tokens)
+        predictor = GreedyPredictor(load_vlm(model, device=pick_device(device)), max_new_tokens)
     start = time.perf_counter()
     bar = _progress_bar(progress, limit, f"eval {data_slug(data)}")
     try:

@@ -11,12 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.data import DataSample, ImageError
-from pipeline.prompting import TemplateError, render
-from pipeline.responses import HFGenerator, VLLMGenerator
-
-RESPONSES_DIR = "responses"
-
+from schemas import RESPONSES_DIR
+from pipeline.vlm.data import DataSample, ImageError
+from pipeline.vlm.prompting import TemplateError, render
+from pipeline.vlm.generation import HFGenerator, VLLMGenerator
 
 class ResponseLog:
     """Reads every worker's log (so a rerun with another worker split finds old answers); appends to its own."""

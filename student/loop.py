@@ -1,7 +1,7 @@
 """`student train --stage N`: the training loop of one GenRecal stage, with checkpoints and resume.
 
-    from student.stages import train_stage
-    from student.train_setup import TrainConfig
+    from student.loop import train_stage
+    from student.config import TrainConfig
     train_stage(TrainConfig(cache="cache/", student="llava-tiny-folder", out="runs/a", stage=1, steps=200))
 
 Stage 1 trains the Recalibrator only; stage 2 the student (all but the vision encoder) and the
@@ -11,47 +11,34 @@ on the cache's answers, without Recalibrator. Each stage reads the previous stag
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.features import TeacherHead
-from pipeline.models import end_of_turn_ids, load_vlm, save_processor
-from pipeline.reader import CacheReader
-from pipeline.teacher_files import load_teacher_head
+from pipeline.store.reader import CacheReader
+from pipeline.store.teacher_head import TeacherHead, load_teacher_head
+from pipeline.vlm.models import load_vlm, pick_device
 from student import distributed
-from student.batches import CacheStudentData, LengthGroupedSampler, SourceStudentData
-from student.metrics_log import MetricsLog
-from student.recalibrator import Recalibrator
-from student.recalibrator_io import load_recalibrator, save_recalibrator
-from student.scale import (
-    autocast,
-    clip_gradients,
-    enable_gradient_checkpointing,
-    full_student_state,
-    load_optimizer_state,
-    optimizer_state,
-    shard_student,
-    use_bf16,
-)
-from student.step import genrecal_losses, student_ce, student_forward
-from student.train_setup import (
-    CONFIG_FILE,
+from student.batches import CacheStudentData, SourceStudentData, make_loader
+from student.checkpoint import (
     FINISHED_FILE,
-    METRICS_FILE,
     RECALIBRATOR_DIR,
-    STATE_DIR,
-    TrainConfig,
+    load_optimizer_state,
+    load_recalibrator,
+    load_resume_state,
+    save_checkpoint,
     stage_dir,
     student_source,
-    trainable_student_parameters,
     write_json,
 )
+from student.config import TrainConfig
+from student.metrics_log import MetricsLog
+from student.recalibrator import Recalibrator
+from student.scale import autocast, clip_gradients, enable_gradient_checkpointing, shard_student, use_bf16
+from student.step import genrecal_losses, student_ce, student_forward
+from student.trainable import trainable_student_parameters
 
 
 STAGE_TERMS = {
@@ -67,15 +54,14 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards the student across processes: launch with torchrun --nproc_per_node N")
     out = stage_dir(cfg)
-    state = _load_state(out, cfg) if resume else None
-    device = torch.device(_device(cfg.device))
+    state = load_resume_state(out, cfg) if resume else None
+    device = torch.device(pick_device(cfg.device))
     bf16 = use_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     vlm = load_vlm(out if state else student_source(cfg), device=str(device))
-    student, tokenizer = vlm.model, vlm.tokenizer
+    student = vlm.model
     _check_student_vocabulary(vlm)
-    eot = end_of_turn_ids(tokenizer, vlm.processor.chat_template)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot[0]
+    eot, pad_id = vlm.end_of_turn, vlm.pad_id
     if cfg.data:  # SFT on a data source (stage 3 only): no cache, no teacher
         reader = head = None
         data = SourceStudentData(cfg.data, vlm.processor, eot, pad_id, cfg.image_root, cfg.data_limit)
@@ -104,7 +90,7 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
         load_optimizer_state(parts, optimizer, state["optimizer"], cfg.fsdp)
         schedule.load_state_dict(state["scheduler"])
         step = state["step"]
-    batches = _loader(data, cfg, first=step * cfg.grad_accum * world, rank=rank, world=world)
+    batches = make_loader(data, cfg, first=step * cfg.grad_accum * world, rank=rank, world=world)
     student.train()
     run = _Run(cfg, student, rec, head, bf16, replicated=rec_params if cfg.fsdp else params, params=params)
     log = MetricsLog(out, tensorboard=cfg.tensorboard and rank == 0)
@@ -121,7 +107,7 @@ def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, s
             bar.update(1)
             bar.set_postfix(loss=f"{record['total']:.3f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or len(metrics) == stop_after:
-            _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank)
+            save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank)
     if bar is not None:
         bar.close()
     log.close()
@@ -208,84 +194,6 @@ def _recalibrator(cfg: TrainConfig, student, reader, resume_dir: Path | None, de
     return rec.to(device)
 
 
-def _checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int) -> None:
-    """Write the whole stage folder under a temporary name, then swap it in (a crash keeps the old one).
-    Every rank takes part (an FSDP student is gathered); rank 0 writes."""
-    model_state = full_student_state(vlm.model, cfg.fsdp)
-    optim_state = optimizer_state(parts, optimizer, cfg.fsdp)
-    if rank == 0:
-        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step)
-    distributed.barrier()
-
-
-def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step) -> None:
-    out = stage_dir(cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vlm.model.save_pretrained(tmp, state_dict=model_state)
-    save_processor(vlm.processor, tmp)
-    if rec is not None:
-        save_recalibrator(rec, tmp / RECALIBRATOR_DIR)
-    (tmp / STATE_DIR).mkdir()
-    torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
-                "cache_identity": _source_identity(cfg), "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
-    write_json(tmp / CONFIG_FILE, cfg.to_dict())
-    if (out / METRICS_FILE).exists():
-        shutil.copy2(out / METRICS_FILE, tmp / METRICS_FILE)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_state(out: Path, cfg: TrainConfig) -> dict | None:
-    path = out / STATE_DIR / "state.pt"
-    if not path.exists():
-        return None
-    state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
-    identity = _source_identity(cfg)
-    if state.get("fsdp", False) != cfg.fsdp:
-        raise ValueError(f"--resume: {out} was trained {'with' if state.get('fsdp') else 'without'} --fsdp; "
-                         "resume it the same way")
-    if state["cache_identity"] != identity:
-        raise ValueError(
-            f"--resume: {cfg.cache} is not the cache this run started with (teacher or settings differ: "
-            f"{state['cache_identity']} vs {identity}); use a new --out"
-        )
-    return state
-
-
-def _source_identity(cfg: TrainConfig) -> str:
-    """What the run trains on: the cache's teacher and settings, or the data source and its limit."""
-    import hashlib
-
-    what = {"data": cfg.data, "limit": cfg.data_limit} if cfg.data else CacheReader(cfg.cache).manifest.identity()
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _loader(data: CacheStudentData, cfg: TrainConfig, first: int, rank: int = 0, world: int = 1):
-    """Iterator over this rank's micro-batches from global micro-batch `first` on (a resumed run skips
-    what was done; rank r of W takes every W-th). With num_workers > 0, worker processes read the cache
-    and run the student's processor."""
-    order = _batch_order(data, cfg, world)[first:][rank::world]
-    loader = torch.utils.data.DataLoader(
-        data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
-        prefetch_factor=4 if cfg.num_workers else None,
-    )
-    return iter(loader)
-
-
-def _batch_order(data: CacheStudentData, cfg: TrainConfig, world: int = 1) -> list[list[int]]:
-    """Enough length-grouped batches for the whole stage on all ranks, epoch after epoch, fixed by the seed."""
-    sampler = LengthGroupedSampler(data.lengths, cfg.batch_size, seed=cfg.seed)
-    order, needed = [], cfg.steps * cfg.grad_accum * world
-    while len(order) < needed:
-        order += sampler.batches()
-        sampler.epoch += 1
-    return order
-
-
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
     frac = min(step / max(cfg.steps - 1, 1), 1.0)
     return (cfg.lr + (cfg.lr_end - cfg.lr) * frac) / cfg.lr
@@ -295,12 +203,6 @@ def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _bar(cfg: TrainConfig, step: int, enabled: bool):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.vlm.models import tokenizer_of
+
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
@@ -40,7 +42,7 @@ class EncodedSample:
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
     """Chat-template text of `messages` (the processor's template, else the tokenizer's)."""
-    owner = processor if getattr(processor, "chat_template", None) else _tokenizer(processor)
+    owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
     try:
         return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja raises TemplateError, UndefinedError, TypeError...
@@ -53,7 +55,7 @@ def answer_token_ids(processor, messages: list[dict], answer: str, end_of_turn: 
     full = render(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], False)
     if not full.startswith(prompt):
         raise TemplateError("the rendered conversation does not start with the rendered prompt")
-    ids = _tokenizer(processor)(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    ids = tokenizer_of(processor)(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     for i, token in enumerate(ids):
         if token in end_of_turn:
             return ids[: i + 1]
@@ -104,6 +106,3 @@ def collate(samples: list[EncodedSample], pad_id: int) -> dict:
 def _is_sequence(key: str, value: torch.Tensor, prompt_len: int) -> bool:
     return key in SEQUENCE_KEYS or (value.dim() == 2 and tuple(value.shape) == (1, prompt_len) and key != "image_grid_thw")
 
-
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)

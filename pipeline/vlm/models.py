@@ -59,6 +59,38 @@ class LoadedVLM:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    @functools.cached_property
+    def end_of_turn(self) -> list[int]:
+        """What the chat template writes after an assistant answer, in order (see `end_of_turn_ids`)."""
+        return end_of_turn_ids(self.tokenizer, self.chat_template)
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer, self.end_of_turn)
+
+
+def tokenizer_of(processor):
+    """The tokenizer inside a processor (a bare tokenizer is its own)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def pad_token_id(tokenizer, end_of_turn: list[int]) -> int:
+    """The tokenizer's pad id, or else the first end-of-turn id (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn[0]
+
+
+def pick_device(name: str = "auto") -> str:
+    """auto: this process's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
 
 def resolve_model(name: str | os.PathLike) -> str:
     """Alias -> hub id; existing local folder -> its absolute path; anything else is returned as given."""
@@ -183,7 +215,7 @@ def load_vlm(
     model.eval()
     processor = load_processor(path, trust_remote_code=trust_remote_code, revision=revision,
                                local_files_only=local_only)
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         warnings.warn(f"{name}: tokenizer has {len(tokenizer)} tokens but the embedding only {rows} rows")

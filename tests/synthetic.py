@@ -24,7 +24,7 @@ from schemas import (
     TeacherInfo,
     TopKInfo,
 )
-from pipeline.writer import TeacherSample
+from pipeline.store.writer import TeacherSample
 
 
 def synthetic_manifest(
