@@ -69,7 +69,7 @@ def plan(run: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
     teacher, student = run / "teacher", run / "genrecal"
     # both models start from random weights, so their vision encoders must learn too (with a pretrained
     # student the method keeps it frozen); GenRecal and the SFT baseline get the same setting
-    common = ["--batch-size", "16", "--num-workers", "1", "--no-progress", "--train-vision-encoder"]
+    common = ["--batch-size", "16", "--num-workers", "1", "--train-vision-encoder"]
     steps = [
         ("build-teacher", ["pipeline", "build-tiny", "demo-teacher", "--out", str(models / "teacher-init")]),
         ("build-student", ["pipeline", "build-tiny", "demo-student", "--out", str(models / "student-init")]),

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from transformers.utils import logging as hf_logging
 
 # InternVL 2.5: only the MPO checkpoints were published in transformers-native ("-hf") form, e.g.
 # OpenGVLab/InternVL2_5-{2B,8B,78B}-MPO-hf (LLaMA-Factory registers 2B/8B; issue #7880 confirms 78B);
@@ -34,6 +35,10 @@ MODEL_ALIASES: dict[str, str] = {
     **{f"internvl3-{s}b": f"OpenGVLab/InternVL3-{s}B-hf" for s in (1, 2, 8, 14, 38, 78)},
     **{f"llava-onevision-{s}b": f"llava-hf/llava-onevision-qwen2-{s}b-ov-hf" for s in ("0.5", 7, 72)},
 }
+
+# This project reports its own progress (pipeline/progress.py); transformers' per-file "Loading weights" and
+# "Writing model shards" bars would add two raw-escape lines to the log for every model loaded or saved.
+hf_logging.disable_progress_bar()
 
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,

@@ -88,7 +88,12 @@ def chat_template(style: str, image_placeholder: str, system: str | None = None)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("GENRECAL_CACHE", Path.home() / ".cache" / "genrecal"))
+    """Where built tokenizers are kept between runs: $GENRECAL_CACHE, else $XDG_CACHE_HOME/genrecal, else
+    ~/.cache/genrecal (the XDG default)."""
+    if os.environ.get("GENRECAL_CACHE"):
+        return Path(os.environ["GENRECAL_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "genrecal"
 
 
 def _cached_folder(key: str, build) -> Path:
