@@ -2,19 +2,19 @@
 decoder blocks of the student's own kind, so the frozen teacher head can read the result.
 
     rec = Recalibrator.from_student(student_model, teacher_hidden=8192, depth=2, init="copy")
-    outs = rec([[(z_qs, "student"), (z_al, "teacher")], ...])   # per sample: r_al [La, d_teacher]
+    outs = rec([[(z_qs, "student"), (z_al, "teacher")], ...], out_lengths=[n, ...])   # per sample [n, d_teacher]
 
 Each sample is one sequence: its segments are concatenated (teacher segments go through
 Proj-pre first), positions are reassigned 0..L-1 and a fresh rotary embedding of the student's
 kind is applied ("NPE"; for M-RoPE students the same position in every section). Attention is
-causal. The output of the last segment goes through Proj-post and a final RMSNorm in the
+causal. The outputs at the last positions (how many is the caller's choice, see student/step.py
+for the layouts) go through Proj-post and a final RMSNorm in the
 teacher's width (the teacher head expects post-norm features).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -56,34 +56,20 @@ class Recalibrator(nn.Module):
             raise ValueError(f"unknown Recalibrator init {init!r}; choose copy or random")
         return rec.float()
 
-    def forward(self, samples: list[list[tuple[torch.Tensor, str]]]) -> list[torch.Tensor]:
-        """For each sample, the output [L_last, d_teacher] at the positions of its last segment."""
-        hidden, lengths, last = self._blocks(samples)
-        return [self.norm(self.proj_post(hidden[i, n - k : n])) for i, (n, k) in enumerate(zip(lengths, last))]
-
-    @torch.no_grad()
-    def first_segment_attention(self, samples: list[list[tuple[torch.Tensor, str]]]) -> float:
-        """Mean attention probability that last-segment positions put on the first segment's positions
-        (over samples, blocks, heads and query positions). On the main path that is the share of
-        attention the teacher answer features pay to the student's question: near 0 means the
-        Recalibrator ignores the student (METHOD.md's shortcut risk)."""
-        maps: list[torch.Tensor] = []
-        with self._eager_attention(maps):
-            _, lengths, last = self._blocks(samples)
-        firsts = [len(segments[0][0]) for segments in samples]
-        shares = []
-        for probs in maps:  # [batch, heads, L, L]
-            for i, (n, k, q) in enumerate(zip(lengths, last, firsts)):
-                shares.append(probs[i, :, n - k : n, :q].float().sum(-1).mean())
-        return float(torch.stack(shares).mean())
+    def forward(self, samples: list[list[tuple[torch.Tensor, str]]], out_lengths: list[int] | None = None) -> list[torch.Tensor]:
+        """For each sample, the output [k, d_teacher] at its last k positions: k = `out_lengths[i]`, by
+        default the length of its last segment."""
+        hidden, lengths = self._blocks(samples)
+        if out_lengths is None:
+            out_lengths = [len(segments[-1][0]) for segments in samples]
+        return [self.norm(self.proj_post(hidden[i, n - k : n])) for i, (n, k) in enumerate(zip(lengths, out_lengths))]
 
     def _blocks(self, samples):
-        """(hidden [B, L, d_student] after the blocks, sequence lengths, last-segment lengths)."""
-        sequences, last = [], []
+        """(hidden [B, L, d_student] after the blocks, sequence lengths)."""
+        sequences = []
         for segments in samples:
             parts = [self.proj_pre(x.float()) if space == TEACHER else x.float() for x, space in segments]
             sequences.append(torch.cat(parts))
-            last.append(len(segments[-1][0]))
         lengths = [len(s) for s in sequences]
         hidden = nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # right padding: causal attention never sees it
         batch, length = hidden.shape[:2]
@@ -98,25 +84,7 @@ class Recalibrator(nn.Module):
             else:
                 out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        return hidden, lengths, last
-
-    @contextmanager
-    def _eager_attention(self, maps: list):
-        """Run the blocks with eager attention (which returns its probabilities) and collect them."""
-        attns = [layer.self_attn for layer in self.layers]
-        saved = [(a.config._attn_implementation, self.flash) for a in attns]
-        hooks = [a.register_forward_hook(lambda _m, _i, out: maps.append(out[1])) for a in attns]
-        try:
-            for a in attns:
-                a.config._attn_implementation = "eager"
-            self.flash = False
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            for a, (impl, flash) in zip(attns, saved):
-                a.config._attn_implementation = impl
-                self.flash = flash
+        return hidden, lengths
 
 
 def language_model(student) -> nn.Module:

@@ -1,11 +1,19 @@
 """One GenRecal loss evaluation on a batch (METHOD.md Alg. 1-3).
 
-Main path (Alg. 1): the student's question features z_qs (every prompt position but the last)
-and the teacher's cached answer-side features z_al (last prompt position + answer) form one
-sequence through the Recalibrator; its answer outputs r_al go through the frozen teacher head:
-CE(head(r_al), gt_l) + KL(head(z_al) || head(r_al)).
-Regularizer (Alg. 2): the same with the teacher's own question features z_ql instead of z_qs,
-for the samples whose cache entry has them.
+The cache holds, per sample, the teacher's features z_al at [last prompt position, a_0 .. a_{n-2}]
+(n rows) and the targets gt_l = [a_0 .. a_{n-1}]. The Recalibrator's outputs at n positions go through
+the frozen teacher head: CE(head(r), gt_l) + KL(head(z_al) || head(r)). Which n positions is the layout:
+
+- "student-last-prompt" (default): the student's whole prompt z_qs (its last position included),
+  then the teacher's answer features z_al[1:]. The outputs at [the student's last prompt position,
+  the teacher's answer positions] are scored, so the first answer token is predicted from the
+  student's side alone, and the Recalibrator cannot read it off the teacher's last prompt feature.
+- "teacher-last-prompt": the student's prompt but its last position, then all of z_al; the outputs at
+  z_al's positions are scored. The first slot is then the teacher's own last prompt state, whose head
+  output is the first answer token (measured: the Recalibrator then ignores the student).
+
+Regularizer (Alg. 2), both layouts: the teacher's own prompt features z_ql, then z_al[1:] (the same
+sequence as z_ql[:-1] + z_al, since z_ql's last row is z_al's first), for the samples that have z_ql.
 Stage 2 (Alg. 3) adds the student's own CE on its answer tokens.
 """
 
@@ -18,22 +26,23 @@ from pipeline.store.teacher_head import TeacherHead
 from pipeline.vlm.models import head_logits
 from student.batches import StudentBatch
 from student.config import LossConfig
+from student.diagnostics import question_reliance
 from student.losses import TopKTarget, head_losses
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
 
 
 def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig,
-                    measure_attention: bool = False, sharded: bool = False) -> dict:
+                    measure_reliance: bool = False, sharded: bool = False) -> dict:
     """Every loss term of the stage plus `total`, the weighted sum to backpropagate. With
-    `measure_attention`, also `question_attention` (and its uniform-attention reference), a diagnostic
-    that is not part of `total`."""
+    `measure_reliance`, also the question-reliance diagnostics (student/diagnostics.py), which are not
+    part of `total`."""
     with torch.set_grad_enabled(stage == 2 and torch.is_grad_enabled()):
         hidden, logits = student_forward(student, batch, stage == 2, sharded)  # stage 1: the student is frozen
     items = batch.items
-    main = [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)] for b, item in enumerate(items)]
+    main = main_segments(hidden, items, cfg.layout)
     reg_items = [item for item in items if cfg.regularizer and item.teacher_question is not None]
-    reg = [[(item.teacher_question[:-1], TEACHER), (item.teacher_features, TEACHER)] for item in reg_items]
-    outputs = rec(main + reg)
+    reg = [[(item.teacher_question, TEACHER), (item.teacher_features[1:], TEACHER)] for item in reg_items]
+    outputs = rec(main + reg, [len(item.teacher_features) for item in items + reg_items])
     terms = {}
     terms["ce"], terms["kl"] = _head_terms(head, outputs[: len(items)], items, cfg)
     if reg_items:
@@ -46,11 +55,20 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     if stage == 2:
         total = total + cfg.student_ce_weight * terms["student_ce"]
     terms["total"] = total
-    if measure_attention:
-        detached = [[(x.detach(), space) for x, space in segments] for segments in main]
-        terms["question_attention"] = torch.tensor(rec.first_segment_attention(detached))
-        terms["question_attention_uniform"] = torch.tensor(_uniform_first_segment_share(detached))
+    if measure_reliance:
+        terms.update(question_reliance(rec, head, [[(x.detach(), s) for x, s in seg] for seg in main], items))
     return terms
+
+
+def main_segments(hidden: torch.Tensor, items, layout: str) -> list[list[tuple[torch.Tensor, str]]]:
+    """The main path's Recalibrator input per sample (see the module docstring for the layouts)."""
+    if layout == "student-last-prompt":
+        return [[(hidden[b, : item.student.prompt_len], STUDENT), (item.teacher_features[1:], TEACHER)]
+                for b, item in enumerate(items)]
+    if layout == "teacher-last-prompt":
+        return [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)]
+                for b, item in enumerate(items)]
+    raise ValueError(f"unknown Recalibrator layout {layout!r}; choose student-last-prompt or teacher-last-prompt")
 
 
 def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bool = False):
@@ -90,15 +108,6 @@ def _answer_positions(batch: StudentBatch) -> tuple[list[int], list[int]]:
         rows += [b] * n
         cols += range(p - 1, p + n - 1)
     return rows, cols
-
-
-def _uniform_first_segment_share(samples) -> float:
-    """What `first_segment_attention` would be if every position attended uniformly to its past."""
-    shares = []
-    for (question, _), (answer, _) in samples:
-        q, n = len(question), len(answer)
-        shares.append(sum(q / (q + j + 1) for j in range(n)) / n)
-    return sum(shares) / len(shares)
 
 
 def _head_terms(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: LossConfig):
