@@ -48,7 +48,7 @@ class CacheStudentData(torch.utils.data.Dataset):
 
     def __init__(self, cache_dir, processor, end_of_turn, pad_id: int, image_root: str | None = None, sample_ids=None,
                  teacher: bool = True):
-        self.reader = CacheReader(cache_dir)
+        self.reader = cache_dir if isinstance(cache_dir, CacheReader) else CacheReader(cache_dir)  # or an open one
         self.teacher = teacher  # False: the student side only (stage 3 needs no teacher arrays)
         self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
         data = self.reader.manifest.data

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.store.reader import CacheReader
 from pipeline.vlm.models import save_processor
 from student import distributed
 from student.config import TrainConfig
@@ -62,8 +61,21 @@ def student_source(cfg: TrainConfig) -> str:
         return cfg.student
     previous = stage_dir(cfg, cfg.stage - 1)
     if not (previous / FINISHED_FILE).exists():
-        raise FileNotFoundError(f"stage {cfg.stage} reads {previous}, which is missing or unfinished: run --stage {cfg.stage - 1} first")
+        raise FileNotFoundError(
+            f"stage {cfg.stage} reads {previous}, which is missing or unfinished: run --stage {cfg.stage - 1} first, "
+            f"or pass --from-student to start stage {cfg.stage} from --student (e.g. an SFT baseline)")
     return str(previous)
+
+
+def check_not_a_run_folder(model: str) -> None:
+    """A run folder (OUT, holding stage1/ stage2/ ...) is not a model: say which stage folder to give."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return
+    stages = sorted(p.name for p in folder.glob("stage[0-9]") if (p / "config.json").exists())
+    if stages:
+        raise FileNotFoundError(f"{model} is a training run folder ({', '.join(stages)}), not a model: "
+                                f"pass one of its stages, e.g. --model {folder / stages[-1]}")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -71,17 +83,18 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int) -> None:
+def save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int, identity: str) -> None:
     """Write the whole stage folder under a temporary name, then swap it in (a crash keeps the old one).
-    Every rank takes part (an FSDP student is gathered); rank 0 writes."""
+    Every rank takes part (an FSDP student is gathered); rank 0 writes. `identity`: `source_identity`
+    of what the run trains on, checked on --resume."""
     model_state = full_student_state(vlm.model, cfg.fsdp)
     optim_state = optimizer_state(parts, optimizer, cfg.fsdp)
     if rank == 0:
-        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step)
+        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity)
     distributed.barrier()
 
 
-def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step) -> None:
+def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity) -> None:
     out = stage_dir(cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +104,7 @@ def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step) -
         save_recalibrator(rec, tmp / RECALIBRATOR_DIR)
     (tmp / STATE_DIR).mkdir()
     torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
-                "cache_identity": _source_identity(cfg), "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
+                "cache_identity": identity, "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
     if (out / METRICS_FILE).exists():
         shutil.copy2(out / METRICS_FILE, tmp / METRICS_FILE)
@@ -102,12 +115,13 @@ def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step) -
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resume_state(out: Path, cfg: TrainConfig) -> dict | None:
+def load_resume_state(out: Path, cfg: TrainConfig, identity: str) -> dict | None:
+    """The trainer state of the last checkpoint in `out` (None if there is none), after checking that it
+    was trained the same way and on the same source (`identity`, see `source_identity`)."""
     path = out / STATE_DIR / "state.pt"
     if not path.exists():
         return None
     state = torch.load(path, weights_only=True)  # never unpickle arbitrary objects
-    identity = _source_identity(cfg)
     if state.get("fsdp", False) != cfg.fsdp:
         raise ValueError(f"--resume: {out} was trained {'with' if state.get('fsdp') else 'without'} --fsdp; "
                          "resume it the same way")
@@ -119,9 +133,10 @@ def load_resume_state(out: Path, cfg: TrainConfig) -> dict | None:
     return state
 
 
-def _source_identity(cfg: TrainConfig) -> str:
-    """What the run trains on: the cache's teacher and settings, or the data source and its limit."""
-    what = {"data": cfg.data, "limit": cfg.data_limit} if cfg.data else CacheReader(cfg.cache).manifest.identity()
+def source_identity(cfg: TrainConfig, manifest) -> str:
+    """What the run trains on: the cache's teacher and settings (from its `manifest`, None with --data),
+    or the data source and its limit."""
+    what = {"data": cfg.data, "limit": cfg.data_limit} if cfg.data else manifest.identity()
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

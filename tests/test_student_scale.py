@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.vlm.models import load_vlm
-from student.loop import train_stage
+from student.train import train_stage
 from tests.test_student_train import config, weights
 
 TERMS_2 = ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total")

@@ -7,14 +7,15 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.vlm.models import load_vlm
-from student.loop import train_stage
 from student.config import TrainConfig
+from student.train import train_stage
 from student.trainable import is_vision_encoder
 
 
 def config(cache, student, out, stage, **kw):
+    # in-process loading unless a test asks for workers: starting worker processes costs more than these tiny steps
     return TrainConfig(cache=str(cache), student=str(student.path), out=str(out), stage=stage,
-                       **{"steps": 3, "batch_size": 4, "lr": 1e-3, "lr_end": 1e-4, **kw})
+                       **{"steps": 3, "batch_size": 4, "lr": 1e-3, "lr_end": 1e-4, "num_workers": 0, **kw})
 
 
 def weights(folder):
