@@ -14,6 +14,7 @@ import sys
 import click
 
 from pipeline import __version__
+from student.cli_options import config_options, train_config_from_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,53 +24,17 @@ def main() -> None:
 
 
 @main.command("train")
-@click.option("--cache", type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
-@click.option("--data", default=None, help="Stage 3 only: SFT on this data source instead of a cache (e.g. easy-vqa:train).")
-@click.option("--data-limit", type=int, default=None, help="With --data: its first N samples.")
-@click.option("--from-student", is_flag=True, help="Start from --student, not OUT/stage{N-1} (e.g. an SFT baseline).")
-@click.option("--student", required=True, help="Student (stage 1): alias, hub id or folder.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder; stage N writes OUT/stageN.")
-@click.option("--stage", required=True, type=click.IntRange(1, 3))
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--lr-end", type=float, default=1e-5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--teacher-distribution", type=click.Choice(["exact", "topk"]), default="exact", show_default=True)
-@click.option("--no-regularizer", is_flag=True, help="Skip Alg. 2 (for ablations).")
-@click.option("--ce-weight", type=float, default=1.0, show_default=True,
-              help="Weight of CE(teacher head(recalibrated), teacher ids), main path and regularizer (0: KL only).")
-@click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of the forward-KL terms.")
-@click.option("--student-ce-weight", type=float, default=1.0, show_default=True, help="Stage 2: the student's own CE.")
-@click.option("--rec-depth", type=int, default=2, show_default=True)
-@click.option("--rec-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
-@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader worker processes.")
-@click.option("--save-every", type=int, default=0, help="Checkpoint every N steps (0: at the end).")
-@click.option("--image-root", default=None, help="Override the cache's image root.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on GPU, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute layer activations in the backward pass.")
-@click.option("--fsdp", is_flag=True, help="Shard the student with FSDP2 (under torchrun).")
-@click.option("--attention-every", type=int, default=10, show_default=True,
-              help="Log the Recalibrator's attention share on the student question every N steps (0: never).")
-@click.option("--train-vision-encoder", is_flag=True,
-              help="Stages 2-3: train the vision encoder too (models trained from scratch; the method freezes it).")
-@click.option("--tensorboard", is_flag=True, help="Also log to OUT/tensorboard/stageN.")
+@config_options
 @click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
-@click.option("--progress/--no-progress", default=True)
-def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, student_ce_weight, resume, progress,
-                  **options):
-    """Train one GenRecal stage against a teacher cache (or, stage 3, plain SFT on a data source)."""
-    from student.loop import train_stage
-    from student.config import LossConfig
-    from student.config import TrainConfig
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def train_command(resume, progress, **options):
+    """Train one GenRecal stage against a teacher cache (or, stage 3, plain SFT on a data source).
 
-    loss = LossConfig(teacher_distribution=teacher_distribution, regularizer=not no_regularizer, ce_weight=ce_weight,
-                      kl_weight=kl_weight, student_ce_weight=student_ce_weight)
+    Every option but --resume and --progress is a field of student.config.TrainConfig (or its LossConfig)."""
+    from student.train import train_stage
+
     try:
-        cfg = TrainConfig(loss=loss, **options)
+        cfg = train_config_from_options(options)
         metrics = train_stage(cfg, resume=resume, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
@@ -87,14 +52,19 @@ def train_command(teacher_distribution, no_regularizer, ce_weight, kl_weight, st
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--image-root", default=None, help="Folder the data's image paths are relative to.")
-@click.option("--out", default=None, help="Result JSON (default: MODEL/eval/<data>.json).")
+@click.option("--out", default=None,
+              help="Result JSON. Default: MODEL/eval/<data>[-limitN][-fromK].json for a model folder (e.g. "
+                   "easy-vqa:test --limit 200 -> MODEL/eval/easy-vqa-test-limit200.json); "
+                   "eval/<model>/<data>[-limitN][-fromK].json under the current folder for an alias or hub id.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 def eval_command(**options):
     """Greedy exact-match accuracy of MODEL on DATA, overall and per question type."""
     from pipeline.vlm.evaluate import evaluate
+    from student.checkpoint import check_not_a_run_folder
 
     try:
+        check_not_a_run_folder(options["model"])
         result = evaluate(**options)
     except (FileNotFoundError, ValueError) as err:
         click.echo(f"error: {err}", err=True)

@@ -1,31 +1,41 @@
 """Settings of a training run: `TrainConfig` and the `LossConfig` inside it.
 
-Each field's docstring is its documentation (and the help of its `student train` option).
+This module is the one place where a training setting is named, typed, defaulted and explained:
+each field's docstring is its documentation, and `student train`'s options (flag, type, choices,
+default and help) are generated from these fields (student/cli_options.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Which terms and how they are weighted."""
 
-    teacher_distribution: str = "exact"
-    """exact: head applied to cached features; topk: cached top-k plus one tail bucket."""
+    teacher_distribution: Literal["exact", "topk"] = "exact"
+    """Teacher distribution of the KL terms. exact: the teacher head applied to the cached features;
+    topk: the cached top-k log-probs plus one tail bucket."""
     regularizer: bool = True
-    """Apply Alg. 2 on samples that have cached question features."""
+    """The regularizer (Alg. 2) on the samples that have cached question features (turned off for ablations)."""
     ce_weight: float = 1.0
-    """Weight of CE(head(r_al), gt_l) (and of the regularizer's CE)."""
+    """Weight of CE(teacher head(recalibrated), teacher ids), main path and regularizer (0: KL only)."""
     kl_weight: float = 1.0
-    """Weight of KL(teacher || recalibrated) (and of the regularizer's KL)."""
+    """Weight of the forward-KL terms KL(teacher || recalibrated), main path and regularizer."""
     student_ce_weight: float = 1.0
-    """Weight of the student's own CE (stage 2)."""
+    """Stage 2: weight of the student's own CE on its answer tokens."""
     chunk_tokens: int = 1024
-    """Positions per teacher-head chunk."""
+    """Positions per teacher-head chunk (bounds the [positions, teacher vocab] logits held at once)."""
     temperature: float = 1.0
     """Softmax temperature of the KL terms."""
+    uld_weight: float = 1.0
+    """--method uld: weight of the ULD distance (sorted-probability L1 to the teacher's cached top-k)."""
+    layout: Literal["student-last-prompt", "teacher-last-prompt"] = "student-last-prompt"
+    """Whose last prompt position predicts the first answer token through the Recalibrator.
+    student-last-prompt: the student's, so the Recalibrator needs the student's question (see student/step.py);
+    teacher-last-prompt: the teacher's cached last prompt feature (it carries the first answer token)."""
 
 
 @dataclass(frozen=True)
@@ -33,13 +43,14 @@ class TrainConfig:
     """Everything `student train` needs; the CLI fills it from its options."""
 
     cache: str | None
-    """Teacher cache folder written by pipeline dump-teacher (None with `data`)."""
+    """Teacher cache folder written by pipeline dump-teacher (not with --data)."""
     student: str
-    """Student for stage 1: alias, hub id or folder (stages 2-3 read OUT/stage{N-1})."""
+    """Student: alias, hub id or folder. Stage 1 starts from it; stages 2-3 read OUT/stage{N-1} unless
+    --from-student or --data."""
     out: str
     """Run folder; stage N writes OUT/stage{N}."""
     stage: int
-    """1: Recalibrator only; 2: student body + projector + Recalibrator; 3: plain SFT."""
+    """1: Recalibrator only; 2: student (but its vision encoder) + Recalibrator; 3: plain SFT of the student."""
     steps: int = 100
     """Optimizer steps of this stage."""
     batch_size: int = 8
@@ -47,7 +58,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 1e-4
-    """Learning rate at the start of the stage."""
+    """Learning rate at the first step."""
     lr_end: float = 1e-5
     """Learning rate at the last step (linear decay)."""
     weight_decay: float = 0.0
@@ -58,22 +69,22 @@ class TrainConfig:
     """Loss terms and weights."""
     rec_depth: int = 2
     """Recalibrator decoder blocks."""
-    rec_init: str = "copy"
-    """copy: the student's last layers; random."""
+    rec_init: Literal["copy", "random"] = "copy"
+    """Recalibrator block initialisation. copy: the student's last decoder layers; random: fresh weights."""
     save_every: int = 0
     """Also checkpoint every N steps (0: only at the end)."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
+    num_workers: int = 2
+    """DataLoader worker processes that read the cache and run the student's processor (0: in the training process)."""
     device: str = "auto"
-    """auto, cpu, cuda, cuda:N."""
+    """auto, cpu, cuda or cuda:N."""
     image_root: str | None = None
-    """Overrides the cache's image root for path: references."""
+    """Folder the samples' path: image references are relative to (overrides the one the cache or data source records)."""
     sample_ids: tuple[str, ...] | None = None
-    """Train on these cache samples only (default: all)."""
-    precision: str = "auto"
+    """Train on these cache samples only (default: all). Library use only, no CLI option."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (autocast; weights and optimizer stay fp32)."""
     gradient_checkpointing: bool = False
-    """Recompute student and Recalibrator layer activations in the backward pass."""
+    """Recompute student and Recalibrator layer activations in the backward pass (less memory, more compute)."""
     fsdp: bool = False
     """Shard the student with FSDP2 under torchrun (Recalibrator and teacher head replicated)."""
     max_grad_norm: float = 1.0
@@ -81,15 +92,17 @@ class TrainConfig:
     attention_every: int = 10
     """Log the Recalibrator's attention share on the student question every N steps (0: never)."""
     data: str | None = None
-    """Stage 3 only: SFT on this data source (what dump-teacher reads) instead of a cache; starts from `student`."""
+    """Stage 3 only: plain SFT on this data source (what dump-teacher reads, e.g. easy-vqa:train) instead of a
+    cache; starts from --student."""
     data_limit: int | None = None
-    """With `data`: use its first N samples."""
+    """With --data: use its first N records."""
     from_student: bool = False
-    """Start this stage from `student` instead of OUT/stage{N-1} (e.g. an SFT baseline: stage 3 alone)."""
+    """Start this stage from --student instead of OUT/stage{N-1} (e.g. an SFT baseline: stage 3 alone)."""
     train_vision_encoder: bool = False
-    """Stages 2-3: also train the vision encoder (for models trained from scratch; the method keeps it frozen)."""
+    """Stages 2-3: also train the student's vision encoder (for models trained from scratch; the method keeps it
+    frozen). Stage 1 trains the Recalibrator only, so there it changes nothing."""
     tensorboard: bool = False
-    """Also write the metrics to OUT/tensorboard/stageN (needs the tensorboard package)."""
+    """Also write the metrics to OUT/tensorboard/stage{N} (needs the tensorboard package)."""
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):
