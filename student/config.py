@@ -90,7 +90,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Global gradient-norm clip."""
     attention_every: int = 10
-    """Log the Recalibrator's attention share on the student question every N steps (0: never)."""
+    """Log the question-reliance diagnostic (how much the Recalibrator's teacher-head CE rises when the student's
+    questions are swapped within the batch; student/diagnostics.py) every N steps (0: never)."""
     data: str | None = None
     """Stage 3 only: plain SFT on this data source (what dump-teacher reads, e.g. easy-vqa:train) instead of a
     cache; starts from --student."""

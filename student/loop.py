@@ -90,7 +90,7 @@ class _Run:
         # a fixed set of terms (0 where a micro-batch has none, e.g. no question features), so that
         # accumulation and the mean over ranks agree
         totals = dict.fromkeys(STAGE_TERMS[cfg.stage], 0.0)
-        measure = cfg.stage != 3 and cfg.attention_every > 0 and step % cfg.attention_every == 0
+        measure = cfg.stage != 3 and cfg.attention_every > 0 and step % cfg.attention_every == 0  # question reliance
         wait, start, tokens = 0.0, time.perf_counter(), 0
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
@@ -103,7 +103,7 @@ class _Run:
                 terms = self._terms(batch, measure and micro == 0)
             (terms["total"] / cfg.grad_accum).backward()
             for name, value in terms.items():
-                share = 1.0 if name.startswith("question_attention") else 1.0 / cfg.grad_accum
+                share = 1.0 if name.startswith("question_") else 1.0 / cfg.grad_accum  # diagnostics: micro-batch 0 only
                 totals[name] = totals.get(name, 0.0) + value.item() * share
         distributed.average_gradients(self.replicated)
         grad_norm = clip_gradients(self.params, cfg.max_grad_norm)
@@ -118,12 +118,12 @@ class _Run:
             "peak_memory_mb": _peak_memory_mb(device),
         }
 
-    def _terms(self, batch, measure_attention: bool) -> dict:
+    def _terms(self, batch, measure_reliance: bool) -> dict:
         if self.cfg.stage == 3:
             _, logits = student_forward(self.student, batch, True, self.cfg.fsdp)
             loss = student_ce(logits, batch)
             return {"student_ce": loss, "total": loss}
-        return genrecal_losses(self.student, self.rec, self.head, batch, self.cfg.stage, self.cfg.loss, measure_attention,
+        return genrecal_losses(self.student, self.rec, self.head, batch, self.cfg.stage, self.cfg.loss, measure_reliance,
                                self.cfg.fsdp)
 
 
