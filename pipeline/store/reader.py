@@ -3,11 +3,16 @@
     reader = CacheReader("cache/")
     sample = reader.get("easy-vqa:train:17")     # or reader[i], i in shard order
     feats = sample.features_float32()              # [n, d]; sample.features holds the stored bits
+    same = reader.get_from_block("easy-vqa:train:17")  # its whole shard read into memory (an LRU of a few shards)
     for sample in reader:                          # shard order, reads blocks of samples
         ...
 
+A random read costs one zarr read per array (about 2 ms each, 7-9 arrays); `get_from_block` reads
+a whole shard once (one read per array) and cuts every later sample of that shard from memory,
+which is what a shard-ordered trainer wants (student/batches.py `ShardWindowSampler`).
+
 Only committed shards are visible. The reader holds paths and small indexes; zarr
-handles are opened lazily per process, so it pickles into DataLoader workers.
+handles and shard blocks are opened lazily per process, so it pickles into DataLoader workers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import pyarrow as pa
 from schemas import HEAD_FILE, REJECT_COLUMNS, REJECTS_FILE, SAMPLE_COLUMNS, SAMPLES_FILE, CacheManifest, read_manifest
 from pipeline.store.encoding import decode_features
 from pipeline.store.layout import committed_shards, load_index, shard_dir
-from pipeline.store.shard_files import arrow_schema, open_arrays, read_table
+from pipeline.store.shard_files import arrow_schema, open_arrays, read_table, read_whole_arrays
 
 TOKEN_ARRAYS = ("target_ids", "features", "feature_scales", "logsumexp", "topk_ids", "topk_logprobs", "tail_logmass")
 QUESTION_ARRAYS = ("question_features", "question_feature_scales")
@@ -66,15 +71,32 @@ class CachedSample:
         return torch.from_numpy(self.features_float32())
 
 
+@dataclass
+class RowBlock:
+    """The arrays of rows [first, first + rows) of one shard, in memory."""
+
+    shard: str
+    first: int
+    offsets: np.ndarray  # [rows + 1] start of each row in the token arrays
+    question_offsets: np.ndarray  # [rows + 1] start of each row in the question arrays
+    tokens: dict[str, np.ndarray]  # TOKEN_ARRAYS present in the shard
+    questions: dict[str, np.ndarray]  # QUESTION_ARRAYS present in the shard
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.tokens.values(), *self.questions.values()))
+
+
 class CacheReader:
     """Read-only view of the committed shards of one cache folder."""
 
-    def __init__(self, cache_dir: str | Path, max_open_shards: int = 8):
+    def __init__(self, cache_dir: str | Path, max_open_shards: int = 8, max_block_shards: int = 4):
         self.root = Path(cache_dir)
         self.manifest: CacheManifest = read_manifest(self.root)
         self.shards = committed_shards(self.root)
         self.indexes = {name: load_index(self.root, name, self.manifest) for name in self.shards}
         self.max_open_shards = max_open_shards
+        self.max_block_shards = max_block_shards  # whole shards held in memory by get_from_block
         self._locations: dict[str, tuple[str, int]] = {}
         self._order: list[str] = []
         self.duplicates: list[tuple[str, str]] = []  # (sample id, shard whose copy is ignored)
@@ -96,6 +118,8 @@ class CacheReader:
             )
         self._open: OrderedDict[str, tuple[dict, np.ndarray, np.ndarray]] = OrderedDict()
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # sample tables of recently used shards
+        self._blocks: OrderedDict[str, RowBlock] = OrderedDict()  # whole shards of get_from_block
+        self.shard_reads = 0  # whole-shard reads so far (a shard read again was evicted from the LRU)
 
     # -- sizes and ids ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -112,16 +136,54 @@ class CacheReader:
         name, row = self._locations[sample_id]
         return self.indexes[name].num_tokens[row]
 
+    def location(self, sample_id: str) -> tuple[str, int]:
+        """(shard name, row) of the copy of `sample_id` that the reader serves."""
+        try:
+            return self._locations[sample_id]
+        except KeyError:
+            raise KeyError(f"sample {sample_id!r} is not in the cache at {self.root}") from None
+
     # -- random access -----------------------------------------------------------------
     def __getitem__(self, i: int) -> CachedSample:
         return self.get(self._order[i])
 
     def get(self, sample_id: str) -> CachedSample:
-        try:
-            name, row = self._locations[sample_id]
-        except KeyError:
-            raise KeyError(f"sample {sample_id!r} is not in the cache at {self.root}") from None
+        """One sample, reading only the chunks it touches (one zarr read per array)."""
+        name, row = self.location(sample_id)
         return self._read_rows(name, row, row + 1)[0]
+
+    # -- block access ------------------------------------------------------------------
+    def get_from_block(self, sample_id: str) -> CachedSample:
+        """The same sample as `get`, cut from its whole shard held in memory.
+
+        The first request for a shard reads all its arrays at once; the last `max_block_shards`
+        shards stay in memory, so samples asked for in shard order cost no zarr read. The arrays
+        returned are copies: holding a sample never pins its shard in memory.
+        """
+        name, row = self.location(sample_id)
+        return self._cut(self.shard_block(name), row, copy=True)
+
+    def shard_block(self, name: str) -> RowBlock:
+        """Every row of shard `name` in memory (kept in an LRU of `max_block_shards` shards)."""
+        if name in self._blocks:
+            self._blocks.move_to_end(name)
+            return self._blocks[name]
+        block = self._read_whole_shard(name)
+        self._blocks[name] = block
+        while len(self._blocks) > max(self.max_block_shards, 1):
+            self._blocks.popitem(last=False)
+        return block
+
+    def _read_whole_shard(self, name: str) -> RowBlock:
+        arrays = read_whole_arrays(shard_dir(self.root, name))
+        self.shard_reads += 1
+        offsets, qoffsets = arrays["offsets"].astype(np.int64), arrays["question_offsets"].astype(np.int64)
+        rows = len(self.indexes[name].sample_ids)
+        if len(offsets) != rows + 1 or len(qoffsets) != rows + 1:
+            raise ValueError(f"{shard_dir(self.root, name)}: offsets hold {len(offsets) - 1} rows but the index "
+                             f"lists {rows} samples; run `pipeline verify` on the cache")
+        return RowBlock(name, 0, offsets, qoffsets, {k: arrays[k] for k in TOKEN_ARRAYS if k in arrays},
+                        {k: arrays[k] for k in QUESTION_ARRAYS if k in arrays})
 
     # -- sequential access -------------------------------------------------------------
     def __iter__(self) -> Iterator[CachedSample]:
@@ -141,23 +203,30 @@ class CacheReader:
                 start, tokens = row + 1, 0
 
     def _read_rows(self, name: str, first: int, last: int) -> list[CachedSample]:
+        """Rows [first, last) of a shard: one zarr read per array covering just those rows."""
         arrays, offsets, qoffsets = self._arrays(name)
         t0, t1 = int(offsets[first]), int(offsets[last])
         q0, q1 = int(qoffsets[first]), int(qoffsets[last])
-        block = {k: arrays[k][t0:t1] for k in TOKEN_ARRAYS if k in arrays}
-        qblock = {k: arrays[k][q0:q1] for k in QUESTION_ARRAYS if k in arrays}
-        ids = self.indexes[name].sample_ids
-        out = []
-        for row in range(first, last):
-            a, b = int(offsets[row]) - t0, int(offsets[row + 1]) - t0
-            qa, qb = int(qoffsets[row]) - q0, int(qoffsets[row + 1]) - q0
-            fields = {k: v[a:b] for k, v in block.items()}
-            if qb > qa:
-                fields.update({k: v[qa:qb] for k, v in qblock.items()})
-            out.append(
-                CachedSample(sample_id=ids[row], shard=name, row=row, encoding=self.manifest.features.encoding, **fields)
-            )
-        return out
+        block = RowBlock(
+            name, first, offsets[first : last + 1].astype(np.int64) - t0, qoffsets[first : last + 1].astype(np.int64) - q0,
+            {k: arrays[k][t0:t1] for k in TOKEN_ARRAYS if k in arrays},
+            {k: arrays[k][q0:q1] for k in QUESTION_ARRAYS if k in arrays},
+        )
+        return [self._cut(block, row, copy=False) for row in range(first, last)]
+
+    def _cut(self, block: RowBlock, row: int, copy: bool) -> CachedSample:
+        """Sample `row` of the shard from a block holding it (views of the block unless `copy`)."""
+        i = row - block.first
+        a, b = int(block.offsets[i]), int(block.offsets[i + 1])
+        qa, qb = int(block.question_offsets[i]), int(block.question_offsets[i + 1])
+        fields = {k: v[a:b] for k, v in block.tokens.items()}
+        if qb > qa:
+            fields.update({k: v[qa:qb] for k, v in block.questions.items()})
+        if copy:
+            fields = {k: v.copy() for k, v in fields.items()}
+        sample_id = self.indexes[block.shard].sample_ids[row]
+        return CachedSample(sample_id=sample_id, shard=block.shard, row=row, encoding=self.manifest.features.encoding,
+                            **fields)
 
     def _arrays(self, name: str):
         """Open zarr arrays of a shard (kept in a small LRU) plus its offsets."""
@@ -197,6 +266,7 @@ class CacheReader:
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()  # zarr handles are per process
         state["_tables"] = OrderedDict()
+        state["_blocks"] = OrderedDict()  # each worker reads the shards it needs
         return state
 
 

@@ -135,5 +135,10 @@ def open_arrays(folder: Path) -> dict[str, zarr.Array]:
     return {name: group[name] for name in group.array_keys()}
 
 
+def read_whole_arrays(folder: Path) -> dict[str, np.ndarray]:
+    """Every array of one shard folder, read whole: one zarr read per array instead of one per array per sample."""
+    return {name: array[...] for name, array in open_arrays(folder).items()}
+
+
 def read_table(path: Path) -> pa.Table:
     return pq.read_table(path)
