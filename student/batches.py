@@ -2,7 +2,14 @@
 prompt and answer; the cache supplies the teacher's side (features, targets, top-k).
 
     data = CacheStudentData("cache/", student_processor, student_end_of_turn)
-    loader = DataLoader(data, batch_sampler=LengthGroupedSampler(data.lengths, 8), collate_fn=data.collate)
+    loader = DataLoader(data, batch_sampler=ShardWindowSampler(data.shards, data.lengths, 8).batches(),
+                        collate_fn=data.collate)
+
+Training reads the cache in blocks (the default, `cache_reads="block"`): the batch order follows
+the shard structure (shards shuffled per epoch, a window of a few shards as the shuffle buffer,
+length-grouped batches within the window) and each DataLoader worker reads whole shards into an
+LRU of a window's worth. `cache_reads="random"` keeps the globally shuffled order with one read
+per sample (about 50x slower per sample).
 
 The teacher's and the student's token sequences never need aligning: the student's answer
 ids (its own targets) come from its tokenizer, the teacher's from the cache.
@@ -55,6 +62,8 @@ class CacheStudentData(torch.utils.data.Dataset):
         self.image_root = image_root or data.image_root
         self.sample_ids = list(sample_ids) if sample_ids is not None else self.reader.sample_ids
         self.lengths = [self.reader.num_tokens(sid) for sid in self.sample_ids]  # teacher answer lengths, for grouping
+        self.shards = [self.reader.location(sid)[0] for sid in self.sample_ids]  # for shard-ordered batches
+        self.block_reads = True  # teacher arrays cut from whole shards in memory; False: one read per sample
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -66,7 +75,7 @@ class CacheStudentData(torch.utils.data.Dataset):
         encoded = encode_sample(self.processor, sid, meta["messages"], images, meta["answer"], self.end_of_turn)
         if not self.teacher:
             return StudentItem(sid, encoded)
-        cached = self.reader.get(sid)
+        cached = self.reader.get_from_block(sid) if self.block_reads else self.reader.get(sid)
         topk = None
         if cached.topk_ids is not None:
             topk = TopKTarget(torch.from_numpy(cached.topk_ids), torch.from_numpy(cached.topk_logprobs.astype("float32")),
@@ -126,13 +135,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        chunk = self.batch_size * self.group
-        out = []
-        for start in range(0, len(order), chunk):
-            block = sorted(order[start : start + chunk], key=lambda i: self.lengths[i])
-            out += [block[i : i + self.batch_size] for i in range(0, len(block), self.batch_size)]
+        out = length_grouped(list(range(len(self.lengths))), self.lengths, self.batch_size, self.group, rng)
         rng.shuffle(out)
         return out
 
@@ -143,11 +146,77 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
+class ShardWindowSampler:
+    """Length-grouped batches in shard order, as streaming loaders read: per epoch the shards are shuffled
+    (seed, epoch) and taken `window` at a time; a window is the shuffle buffer: its samples are shuffled,
+    grouped by length and cut into batches, and those batches shuffled. No batch mixes two windows, so a
+    reader holding `window` whole shards reads each shard once per epoch."""
+
+    def __init__(self, shards: list[str], lengths: list[int], batch_size: int, seed: int = 0, window: int = 4,
+                 group: int = 50):
+        if len(shards) != len(lengths):
+            raise ValueError(f"{len(shards)} shard names for {len(lengths)} samples")
+        if window < 1:
+            raise ValueError(f"the shuffle window must hold at least one shard, not {window}")
+        self.shards, self.lengths, self.batch_size, self.seed = shards, lengths, batch_size, seed
+        self.window, self.group = window, group
+        self.epoch = 0
+        self._members: dict[str, list[int]] = {}  # shard -> its sample indices, in first-seen shard order
+        for i, name in enumerate(shards):
+            self._members.setdefault(name, []).append(i)
+
+    def batches(self) -> list[list[int]]:
+        # a seed stream apart from LengthGroupedSampler's, so that the two orders are not correlated
+        rng = random.Random(f"shard-window:{self.seed}:{self.epoch}")
+        names = list(self._members)
+        rng.shuffle(names)
+        out = []
+        for start in range(0, len(names), self.window):
+            indices = [i for name in names[start : start + self.window] for i in self._members[name]]
+            window_batches = length_grouped(indices, self.lengths, self.batch_size, self.group, rng)
+            rng.shuffle(window_batches)
+            out += window_batches
+        return out
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def length_grouped(indices: list[int], lengths: list[int], batch_size: int, group: int, rng: random.Random):
+    """Shuffle `indices`, then sort each run of `batch_size * group` by length and cut it into batches."""
+    order = list(indices)
+    rng.shuffle(order)
+    chunk = batch_size * group
+    out = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        out += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    return out
+
+
+CACHE_READS = ("block", "random")
+DEFAULT_SHUFFLE_SHARDS = 4
+
+
+def read_settings(cfg) -> tuple[str, int]:
+    """(cache_reads, shuffle_shards) of a TrainConfig; configs without these fields get the defaults."""
+    reads = getattr(cfg, "cache_reads", "block")
+    window = getattr(cfg, "shuffle_shards", DEFAULT_SHUFFLE_SHARDS)
+    if reads not in CACHE_READS:
+        raise ValueError(f"cache_reads must be one of {CACHE_READS}, not {reads!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"shuffle_shards must be a positive number of shards, not {window!r}")
+    return reads, window
+
 
 def make_loader(data, cfg, first: int, rank: int = 0, world: int = 1):
     """Iterator over this rank's micro-batches from global micro-batch `first` on (a resumed run skips
     what was done; rank r of W takes every W-th). With num_workers > 0, worker processes read the cache
     and run the student's processor."""
+    reads, window = read_settings(cfg)
+    if isinstance(data, CacheStudentData):
+        data.block_reads = reads == "block"
+        data.reader.max_block_shards = window  # a worker holds one shuffle window of whole shards
     order = batch_order(data, cfg, world)[first:][rank::world]
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
@@ -157,8 +226,13 @@ def make_loader(data, cfg, first: int, rank: int = 0, world: int = 1):
 
 
 def batch_order(data, cfg, world: int = 1) -> list[list[int]]:
-    """Enough length-grouped batches for the whole stage on all ranks, epoch after epoch, fixed by the seed."""
-    sampler = LengthGroupedSampler(data.lengths, cfg.batch_size, seed=cfg.seed)
+    """Enough length-grouped batches for the whole stage on all ranks, epoch after epoch, fixed by the seed:
+    shard-window order for a cache read in blocks, a global shuffle otherwise (random reads, data sources)."""
+    reads, window = read_settings(cfg)
+    if reads == "block" and hasattr(data, "shards"):
+        sampler = ShardWindowSampler(data.shards, data.lengths, cfg.batch_size, seed=cfg.seed, window=window)
+    else:
+        sampler = LengthGroupedSampler(data.lengths, cfg.batch_size, seed=cfg.seed)
     order, needed = [], cfg.steps * cfg.grad_accum * world
     while len(order) < needed:
         order += sampler.batches()
