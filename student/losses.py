@@ -3,6 +3,8 @@
     ce, kl = head_losses(head, recalibrated, targets, teacher=cached_features)      # exact teacher distribution
     ce, kl = head_losses(head, recalibrated, targets, teacher=TopKTarget(ids, lp, tail))  # top-k + tail bucket
 
+    uld = uld_distance(student_logits, TopKTarget(ids, lp, tail))   # ULD baseline: no teacher head at all
+
 `ce` is CE(head(r), gt_l) and `kl` is KL(teacher || head(r)) (forward KL, teacher first),
 both averaged over positions. The head is applied `chunk_tokens` positions at a time and
 each chunk's gradient with respect to r is computed right away, so no [tokens x vocab]
@@ -71,6 +73,24 @@ def topk_tail_kl(student_logprobs: torch.Tensor, teacher: TopKTarget) -> torch.T
     s_buckets = torch.cat([s_top, s_tail[:, None]], dim=1)
     p = t_buckets.exp()
     return torch.where(p > 0, p * (t_buckets - s_buckets), torch.zeros_like(p)).sum()
+
+
+def uld_distance(student_logits: torch.Tensor, teacher: TopKTarget) -> torch.Tensor:
+    """Universal Logit Distillation's distance, summed over positions: the L1 distance between the sorted
+    probability vectors of the student [T, V_s] (its own vocabulary) and the teacher's cached top-k [T, k].
+
+    Vocabularies need not match: only sorted probabilities are compared. The teacher's vector is its
+    top-k probabilities followed by zeros: the cached tail mass (spread over tokens that were not stored)
+    is left out, so every student probability beyond its own k-th largest counts in full. That sum is
+    exact without sorting the whole student vocabulary: beyond rank k the teacher side is zero, so it
+    contributes the student's remaining mass, 1 - (its top-k mass).
+    """
+    probs = torch.softmax(student_logits.float(), dim=-1)
+    k = min(teacher.logprobs.shape[1], probs.shape[1])
+    s_top = probs.topk(k, dim=-1).values
+    t_sorted = teacher.logprobs.float().exp().sort(dim=-1, descending=True).values
+    head_part = (s_top - t_sorted[:, :k]).abs().sum(-1) + t_sorted[:, k:].sum(-1)
+    return (head_part + (1 - s_top.sum(-1)).clamp_min(0)).sum()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from pipeline.vlm.models import head_logits
 from student.batches import StudentBatch
 from student.config import LossConfig
 from student.diagnostics import question_reliance
-from student.losses import TopKTarget, head_losses
+from student.losses import TopKTarget, head_losses, uld_distance
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
 
 
@@ -69,6 +69,28 @@ def main_segments(hidden: torch.Tensor, items, layout: str) -> list[list[tuple[t
         return [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)]
                 for b, item in enumerate(items)]
     raise ValueError(f"unknown Recalibrator layout {layout!r}; choose student-last-prompt or teacher-last-prompt")
+
+
+def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = False) -> dict:
+    """The ULD baseline (`--method uld`, no Recalibrator, no teacher head): the student's own CE plus the
+    ULD distance between its answer-position distributions and the teacher's cached top-k, positions
+    paired by index within each answer and cut to the shorter of the two (student/losses.py `uld_distance`)."""
+    _, logits = student_forward(student, batch, True, sharded)
+    rows, topk = [], []
+    start = 0
+    for item in batch.items:
+        if item.teacher_topk is None:
+            raise ValueError("--method uld needs a cache with top-k log-probs (it was written with --top-k 0)")
+        n = min(len(item.student.answer_ids), len(item.teacher_targets))
+        rows.extend(range(start, start + n))
+        topk.append(item.teacher_topk.slice(slice(0, n)))
+        start += len(item.student.answer_ids)
+    teacher = TopKTarget(*(torch.cat([getattr(t, f) for t in topk]).to(logits.device) for f in ("ids", "logprobs", "tail_logmass")))
+    terms = {"student_ce": student_ce(logits, batch)}
+    with torch.autocast(logits.device.type, enabled=False):  # one gather (see student_forward), fp32 distance
+        terms["uld"] = uld_distance(logits[torch.tensor(rows, device=logits.device)], teacher) / max(len(rows), 1)
+    terms["total"] = cfg.student_ce_weight * terms["student_ce"] + cfg.uld_weight * terms["uld"]
+    return terms
 
 
 def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bool = False):

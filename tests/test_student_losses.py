@@ -70,3 +70,34 @@ def test_only_one_chunk_of_logits_is_alive():
     assert chunked <= 64 * 20000 < naive == 512 * 20000
     (ce + kl).backward()
     assert r.grad.shape == r.shape
+
+
+def _plain_uld(student_logits, teacher_logprobs):
+    """Reference: sort both full probability vectors, zero-pad to one length, sum |difference|."""
+    total = 0.0
+    for s_row, t_row in zip(torch.softmax(student_logits, -1), teacher_logprobs.exp()):
+        length = max(len(s_row), len(t_row))
+        s = torch.zeros(length).index_copy(0, torch.arange(len(s_row)), torch.sort(s_row, descending=True).values)
+        t = torch.zeros(length).index_copy(0, torch.arange(len(t_row)), torch.sort(t_row, descending=True).values)
+        total = total + (s - t).abs().sum()
+    return total
+
+
+@pytest.mark.parametrize("student_vocab, k", [(300, 8), (5, 8)])
+def test_uld_distance_equals_the_sorted_l1_by_hand(student_vocab, k):
+    from student.losses import uld_distance
+
+    g = torch.Generator().manual_seed(3)
+    head, _, teacher_feats, _ = setup()
+    teacher = topk_of(head, teacher_feats, k)
+    # shuffle the stored order: the distance must not depend on the order the top-k come in
+    perm = torch.randperm(k, generator=g)
+    teacher = TopKTarget(teacher.ids[:, perm], teacher.logprobs[:, perm], teacher.tail_logmass)
+    logits = torch.randn(len(teacher.ids), student_vocab, generator=g, requires_grad=True)
+    got = uld_distance(logits, teacher)
+    (grad,) = torch.autograd.grad(got, logits)
+    plain_logits = logits.detach().clone().requires_grad_(True)
+    expected = _plain_uld(plain_logits, teacher.logprobs.float())
+    (plain_grad,) = torch.autograd.grad(expected, plain_logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-6)
