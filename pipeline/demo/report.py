@@ -47,7 +47,8 @@ def read_curves(stages: dict[str, Path]) -> dict[str, list[dict]]:
 
 
 def write_figure(path: Path, curves: dict[str, list[dict]], rows: list[dict]) -> Path:
-    """Loss curves (one panel per stage, every logged loss term) and accuracy bars, as one PNG."""
+    """Loss curves (one panel per stage, every logged loss term), question reliance over training and
+    accuracy bars, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -55,13 +56,18 @@ def write_figure(path: Path, curves: dict[str, list[dict]], rows: list[dict]) ->
 
     panels = [name for name, records in curves.items() if records]
     cols = 3
-    n_rows = -(-(len(panels) + 1) // cols)
+    reliance = {name: [r for r in records if "question_reliance" in r] for name, records in curves.items()}
+    reliance = {name: records for name, records in reliance.items() if records}
+    extra = 1 + bool(reliance)
+    n_rows = -(-(len(panels) + extra) // cols)
     fig, axes = plt.subplots(n_rows, cols, figsize=(4.6 * cols, 3.6 * n_rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     for ax, name in zip(flat, panels):
         _loss_panel(ax, name, curves[name])
-    _accuracy_panel(flat[len(panels)], rows)
-    for ax in flat[len(panels) + 1 :]:
+    if reliance:
+        _reliance_panel(flat[len(panels)], reliance)
+    _accuracy_panel(flat[len(panels) + extra - 1], rows)
+    for ax in flat[len(panels) + extra :]:
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +78,7 @@ def write_figure(path: Path, curves: dict[str, list[dict]], rows: list[dict]) ->
     return path
 
 
-LOSS_TERMS = ("total", "ce", "kl", "reg_ce", "reg_kl", "student_ce")
+LOSS_TERMS = ("total", "ce", "kl", "reg_ce", "reg_kl", "student_ce", "uld")
 
 
 def _loss_panel(ax, name: str, records: list[dict]) -> None:
@@ -84,6 +90,21 @@ def _loss_panel(ax, name: str, records: list[dict]) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _reliance_panel(ax, curves: dict[str, list[dict]]) -> None:
+    """Question reliance (CE with shuffled student questions - CE with the true ones) per measured step."""
+    for name, records in curves.items():
+        steps = [r["step"] for r in records]
+        line, = ax.plot(steps, [r["question_reliance"] for r in records], label=f"{name}: all slots", linewidth=1.2)
+        ax.plot(steps, [r["question_reliance_first"] for r in records], "--", color=line.get_color(),
+                label=f"{name}: first slot", linewidth=1.0)
+    ax.axhline(0.0, color="#999999", linewidth=0.8)
+    ax.set_title("question reliance (0: the student is ignored)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("CE(shuffled) - CE(true)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
