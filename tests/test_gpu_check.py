@@ -71,3 +71,40 @@ def test_a_failing_check_fails_the_run(tmp_path):
     row = next(r for r in report["rows"] if r["name"] == "hf greedy vs reference loop")
     assert row["status"] == "fail" and "injected mismatch" in row["detail"], row
     assert "| hf greedy vs reference loop |" in proc.stdout and "| fail |" in proc.stdout
+
+
+class _WordTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return text.split()
+
+
+def _vllm_row(monkeypatch, vllm_answers: list[str], hf: list[str]):
+    """check_vllm on a stand-in engine (vLLM itself needs a GPU): only the comparison and its verdict run."""
+    import types
+
+    import pipeline.vlm.generation as generation
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+
+    class FakeVLLM:
+        def __init__(self, model_path, settings):
+            self.settings = settings
+
+        def generate(self, prompts):
+            return list(vllm_answers)
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "vllm" else real_find_spec(name))
+    monkeypatch.setattr(generation, "VLLMGenerator", FakeVLLM)
+    ctx = gpu_check.Context("cuda", gpu_check.MODES["cpu"], Path("."), inject_mismatch=False,
+                            models={"teacher": "teacher-folder"}, teacher_fp32=types.SimpleNamespace(tokenizer=_WordTokenizer()))
+    return gpu_check.check_vllm(ctx, [("prompt", [])] * len(hf), hf)
+
+
+def test_vllm_row_tolerates_a_late_near_tie_but_not_wrong_first_tokens(monkeypatch):
+    hf = ["red circle", "blue square", "green triangle", "yes no"]
+    late_flip = _vllm_row(monkeypatch, ["red circle", "blue square", "green triangle", "yes yes"], hf)
+    assert late_flip.status == "ok" and late_flip.value == 0.75
+    wrong = _vllm_row(monkeypatch, ["the the", "the the", "the the", "yes no"], hf)
+    assert wrong.status == "fail" and wrong.value == 0.25
