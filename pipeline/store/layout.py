@@ -57,12 +57,18 @@ def load_index(root: Path, name: str, manifest: CacheManifest) -> ShardIndex:
     return index
 
 
-def committed_sample_ids(root: Path) -> set[str]:
-    """Every sample id stored or rejected by a committed shard (empty for a cache not created yet)."""
+def committed_sample_ids(root: Path, manifest: CacheManifest | None = None) -> set[str]:
+    """Every sample id stored or rejected by a committed shard (empty for a cache not created yet).
+
+    The one scan for finished work: the writer (resume) and the dump's vLLM phase (which runs before
+    a writer can be opened) both call it. Every index is validated against `manifest` (default: the
+    cache's own manifest.json).
+    """
     root = Path(root)
-    if not (root / MANIFEST_FILE).exists():
-        return set()
-    manifest = read_manifest(root)
+    if manifest is None:
+        if not (root / MANIFEST_FILE).exists():
+            return set()
+        manifest = read_manifest(root)
     done: set[str] = set()
     for name in committed_shards(root):
         index = load_index(root, name, manifest)

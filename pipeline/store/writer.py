@@ -42,7 +42,7 @@ from schemas import (
 from pipeline import __version__
 from pipeline.store.encoding import check_lossy_bound, decode_features, encode_features
 from pipeline.store.fsutil import create_exclusive, fsync_dir, fsync_tree
-from pipeline.store.layout import committed_shards, load_index
+from pipeline.store.layout import committed_sample_ids, committed_shards
 from pipeline.store.shard_files import write_shard
 
 WRITER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -101,13 +101,9 @@ class CacheWriter:
 
     def _scan_committed(self) -> tuple[set[str], int]:
         """(ids stored or rejected by any committed shard, this writer's next shard number)."""
-        done, seqs = set(), [0]
-        for name in committed_shards(self.root):
-            index = load_index(self.root, name, self.manifest)
-            done.update(index.sample_ids, index.rejected_ids)
-            if index.writer_id == self.writer_id:
-                seqs.append(int(name.split("-")[1]))
-        return done, max(seqs) + 1
+        own = [name.split("-") for name in committed_shards(self.root)]  # names are <writer>-<seq>-<random>
+        seqs = [int(parts[1]) for parts in own if parts[0] == self.writer_id]
+        return committed_sample_ids(self.root, self.manifest), max(seqs, default=0) + 1
 
     # -- adding ------------------------------------------------------------------------
     def add(self, sample: TeacherSample) -> None:
