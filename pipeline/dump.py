@@ -3,34 +3,34 @@
     from pipeline.dump import DumpConfig, dump_teacher
     stats = dump_teacher(DumpConfig(model="qwen2-vl-72b", data="llava.json", image_root="/data", out="cache/"))
 
-Two phases, each resumable: (1) with `responses="generate"`, the teacher writes
-answers (vLLM or HF), appended to `responses/<writer>.jsonl`; (2) the HF feature pass
-runs over length-sorted batches while the cache writer compresses and commits shards
-in a background thread. Samples are split between workers by their index in the data
-(`i % num_workers == worker_index`); every sample already committed (stored or
-rejected) by any worker is skipped, so rerunning the same command resumes.
+The recipe (`dump_teacher`): set up (this worker's slice of the data, the teacher, the cache
+writer) -> generate (only with `responses="generate"`: the teacher writes the answers, logged in
+`responses/<writer>.jsonl`) -> forward (the HF feature pass over length-sorted batches) -> commit
+(the writer compresses and commits shards in a background thread).
+
+Work goes a window of samples at a time: a thread decodes the next window's images while the
+current one runs, and each image is decoded once for both generation and the forward pass. With
+vLLM every answer is written before the HF teacher is loaded (the engine needs the GPUs to itself).
+Samples are split between workers by their index in the data (`i % num_workers == worker_index`);
+every sample already committed (stored or rejected) by any worker is skipped, and logged answers
+are not generated again, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
 
-import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
-from pipeline.vlm.data import BadSample, DataSample, ImageError, read_samples
-from pipeline.vlm.images import store_image
-from pipeline.feature_pass import FeaturePass, pack_batches
-from pipeline.response_log import ResponseLog, generate_responses, make_generator
 from pipeline.dump_config import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
+from pipeline.feature_pass import FeaturePass, pack_batches
+from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers
 from pipeline.store.layout import committed_sample_ids
-from pipeline.vlm.models import load_processor, resolve_model
-from pipeline.vlm.prompting import TemplateError, encode_sample
-from pipeline.vlm.answers import answers_agree
-from pipeline.vlm.generation import resolve_backend
 from pipeline.store.writer import CacheWriter
+from pipeline.vlm.data import BadSample, DataSample, ImageError, read_samples
+from pipeline.vlm.generation import HFGenerator, resolve_backend
+from pipeline.vlm.images import store_image
+from pipeline.vlm.prompting import TemplateError, encode_sample
 
 
 @dataclass
@@ -43,54 +43,69 @@ class DumpStats:
     tokens: int = 0  # positions the body ran over (prompt + answer, no padding)
     stored_tokens: int = 0
     forward_seconds: float = 0.0  # body + head, synchronised
-    wall_seconds: float = 0.0  # feature phase only (generation excluded)
-    reject_reasons: dict = field(default_factory=dict)
+    generate_seconds: float = 0.0  # the teacher writing answers (vLLM: engine start included)
+    feature_seconds: float = 0.0  # the feature pass: prepare, forward, encode, commit (generation excluded)
+    total_seconds: float = 0.0  # the whole run, model loading included
+    reject_reasons: dict = field(default_factory=dict)  # stage -> count
 
     @property
     def outside_forward_share(self) -> float:
-        return 1 - self.forward_seconds / self.wall_seconds if self.wall_seconds else 0.0
+        """Share of the feature pass's wall time spent outside the model forward."""
+        return 1 - self.forward_seconds / self.feature_seconds if self.feature_seconds else 0.0
+
+
+@dataclass
+class Loaded:
+    """A sample with its images decoded, waiting for its answer and its encoding."""
+
+    sample: DataSample
+    images: list
 
 
 def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
+    start = time.perf_counter()
     stats = DumpStats()
+    # -- set up
     backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
     samples = list(_my_slice(cfg))  # an unreadable data file fails here; images stay lazy
     log = ResponseLog(cfg.out, writer_id(cfg)) if backend else None
-    if backend == "vllm":  # vLLM needs the GPUs to itself: generate before the HF teacher is loaded
-        _generate_with_vllm(cfg, samples, log, progress)
+    if backend == "vllm":  # generate: all answers now, before the HF teacher takes the GPUs
+        done = committed_sample_ids(cfg.out)
+        todo = [s for s in samples if isinstance(s, DataSample) and s.sample_id not in done]
+        stats.generate_seconds = generate_with_vllm(cfg, todo, log, progress)
     teacher = load_teacher(cfg)  # a wrong --model fails here, before anything is written
-    with CacheWriter(cfg.out, build_manifest(cfg, teacher), writer_id(cfg)) as writer:
+    generator = HFGenerator(teacher.vlm, cfg.generation, cfg.generate_batch_size) if backend == "hf" else None
+    with CacheWriter(cfg.out, build_manifest(cfg, teacher, backend), writer_id(cfg)) as writer:
         save_teacher_files(cfg.out, teacher)
         todo = [s for s in samples if not writer.is_done(s.sample_id)]
         stats.skipped = len(samples) - len(todo)
-        if backend == "hf":
-            generator = make_generator(cfg, "hf", teacher.vlm.path, teacher)
-            generate_responses(cfg, teacher.processor, _usable(todo), log, generator, progress)
-        _feature_phase(cfg, teacher, writer, todo, log, stats, progress)
+        # -- generate (HF, per window) -> forward -> commit
+        _run_windows(cfg, teacher, writer, todo, log, generator, stats, progress)
+    stats.total_seconds = time.perf_counter() - start
     return stats
 
 
-def _feature_phase(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, log, stats: DumpStats, progress: bool):
-    """Forward passes over windows of samples; the next window is prepared (images, templates,
-    processor) in a thread while the current one runs, and shards are committed in the writer's thread."""
-    start = time.perf_counter()
-    feature_pass = FeaturePass(cfg, teacher, writer.manifest)
+def _run_windows(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, log, generator, stats: DumpStats, progress):
+    """Per window: missing answers (HF generator), encoding, forward passes, samples to the writer."""
+    start, generating = time.perf_counter(), 0.0
+    feature_pass = FeaturePass(teacher, writer.manifest)
     windows = list(_windows(todo, cfg.window))
     bar = _bar(len(todo), progress)
+    # The processor is never used by two threads at once (a fast tokenizer's padding setting is
+    # shared state): with a generator the thread only decodes images and this thread encodes.
+    encode_ahead = generator is None
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        pending = pool.submit(_prepare_window, cfg, teacher, windows[0], log) if windows else None
+        pending = pool.submit(_prepare_window, cfg, teacher, windows[0], log, encode_ahead) if windows else None
         for i, window in enumerate(windows):
-            ready, bad = pending.result()
+            items = pending.result()
             if i + 1 < len(windows):
-                pending = pool.submit(_prepare_window, cfg, teacher, windows[i + 1], log)
-            for item in bad:
-                writer.reject(item.sample_id, item.stage, item.reason, item.source)
-                stats.rejected += 1
-                stats.reject_reasons[item.stage] = stats.reject_reasons.get(item.stage, 0) + 1
-            for batch in pack_batches(ready, cfg.max_batch_tokens):
-                for teacher_sample in feature_pass.run(batch, stats):
-                    writer.add(teacher_sample)
-                    stats.written += 1
+                pending = pool.submit(_prepare_window, cfg, teacher, windows[i + 1], log, encode_ahead)
+            if generator is not None:
+                t0 = time.perf_counter()
+                log_answers(generator, teacher.processor, [(x.sample, x.images) for x in items if isinstance(x, Loaded)], log)
+                generating += time.perf_counter() - t0
+                items = [_encode(cfg, teacher, x, log) if isinstance(x, Loaded) else x for x in items]
+            _forward_and_commit(cfg, feature_pass, writer, items, stats)
             if bar is not None:
                 bar.update(len(window))
                 bar.set_postfix(tok_s=f"{stats.tokens / (time.perf_counter() - start):.0f}", rejected=stats.rejected)
@@ -98,50 +113,48 @@ def _feature_phase(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, lo
         bar.close()
     writer.flush()
     writer.wait()  # the last shard is committed inside the measured time
-    stats.wall_seconds = time.perf_counter() - start
+    stats.generate_seconds += generating
+    stats.feature_seconds = time.perf_counter() - start - generating
 
 
-def _prepare_window(cfg: DumpConfig, teacher, window: list, log) -> tuple[list, list[BadSample]]:
-    ready, bad = [], []
-    for sample in window:
-        item = _prepare(cfg, teacher, sample, log)
-        (bad if isinstance(item, BadSample) else ready).append(item)
-    return ready, bad
+def _forward_and_commit(cfg: DumpConfig, feature_pass: FeaturePass, writer: CacheWriter, items: list, stats: DumpStats):
+    """Rejects to the writer with their reasons; the rest through the teacher in length-sorted batches."""
+    for item in (x for x in items if isinstance(x, BadSample)):
+        writer.reject(item.sample_id, item.stage, item.reason, item.source)
+        stats.rejected += 1
+        stats.reject_reasons[item.stage] = stats.reject_reasons.get(item.stage, 0) + 1
+    ready = [x for x in items if not isinstance(x, BadSample)]
+    for batch in pack_batches(ready, cfg.max_batch_tokens):
+        for teacher_sample in feature_pass.run(batch, stats):
+            writer.add(teacher_sample)
+            stats.written += 1
 
 
-def _generate_with_vllm(cfg: DumpConfig, samples: list, log: ResponseLog, progress: bool) -> None:
-    done = committed_sample_ids(cfg.out)
-    todo = [s for s in _usable(samples) if s.sample_id not in done]
-    if not any(log.get(s.sample_id) is None for s in todo):
-        return
-    path = resolve_model(cfg.model)
-    processor = load_processor(path, trust_remote_code=cfg.trust_remote_code)
-    generator = make_generator(cfg, "vllm", path)
-    generate_responses(cfg, processor, todo, log, generator, progress)
-    del generator  # frees the engine's GPU memory before the HF teacher loads
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def _prepare_window(cfg: DumpConfig, teacher, window: list, log, encode: bool) -> list:
+    """Each sample's images decoded (and in-memory ones saved into the cache); encoded too when `encode`."""
+    items = [_load(cfg, sample) for sample in window]
+    return [_encode(cfg, teacher, x, log) if encode and isinstance(x, Loaded) else x for x in items]
 
 
-def _usable(samples: list) -> list[DataSample]:
-    return [s for s in samples if isinstance(s, DataSample)]
-
-
-def _prepare(cfg: DumpConfig, teacher, sample, responses: ResponseLog | None):
-    """DataSample -> (EncodedSample, DataSample) ready for the forward pass, or a BadSample saying why not."""
+def _load(cfg: DumpConfig, sample) -> Loaded | BadSample:
     if isinstance(sample, BadSample):
         return sample
+    try:
+        images = [spec.load() for spec in sample.images]
+    except ImageError as err:
+        return BadSample(sample.sample_id, sample.source, "image", str(err))
+    for spec, image in zip(sample.images, images):
+        store_image(cfg.out, spec.ref, image)  # in-memory images travel with the cache
+    return Loaded(sample, images)
+
+
+def _encode(cfg: DumpConfig, teacher, item: Loaded, responses: ResponseLog | None):
+    """(EncodedSample, DataSample) ready for the forward pass, or a BadSample saying why not."""
+    sample = item.sample
 
     def bad(stage: str, reason: str) -> BadSample:
         return BadSample(sample.sample_id, sample.source, stage, reason)
 
-    try:
-        images = [spec.load() for spec in sample.images]
-    except ImageError as err:
-        return bad("image", str(err))
-    for spec, image in zip(sample.images, images):
-        store_image(cfg.out, spec.ref, image)  # in-memory images travel with the cache
     answer = sample.answer
     if responses is not None:
         answer, problem = choose_answer(cfg, responses.get(sample.sample_id), sample.answer)
@@ -150,27 +163,13 @@ def _prepare(cfg: DumpConfig, teacher, sample, responses: ResponseLog | None):
     if not answer or not answer.strip():
         return bad("answer", "empty answer")
     try:
-        encoded = encode_sample(teacher.processor, sample.sample_id, sample.messages, images, answer, teacher.end_of_turn)
+        encoded = encode_sample(teacher.processor, sample.sample_id, sample.messages, item.images, answer, teacher.end_of_turn)
     except TemplateError as err:
         return bad("template", str(err))
     if encoded.total_len > cfg.max_length:
         return bad("length", f"{encoded.total_len} tokens > --max-length {cfg.max_length}")
     sample.answer = answer
     return encoded, sample
-
-
-def choose_answer(cfg: DumpConfig, record: dict | None, reference: str | None) -> tuple[str | None, str | None]:
-    """(answer, None), or (None, reason to reject), from a generated-response record."""
-    if record is None:
-        return None, "no generated response (the generation phase did not reach it)"
-    if record.get("error"):
-        return None, record["error"]
-    response = record["response"]
-    if not cfg.keep_if_correct or reference is None or answers_agree(response, reference):
-        return response, None
-    if cfg.on_incorrect == "reference":
-        return reference, None
-    return None, f"generated answer disagrees with the reference {reference!r}"
 
 
 def _my_slice(cfg: DumpConfig):

@@ -1,4 +1,10 @@
-"""Settings of a dump, loading the teacher, and what a dump writes once per cache."""
+"""Settings of a dump, loading the teacher, and what a dump writes once per cache.
+
+DumpConfig's field docstrings are the dump-teacher options' help (pipeline/cli.py builds the options
+from the fields), so each default and each explanation is written once, here. The CLI imports this
+module to build its options: torch, transformers and the store are imported inside the functions that
+need them, so that `pipeline --help` and `pipeline inspect` stay quick.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from schemas import (
     MIN_COSINE,
@@ -24,11 +28,14 @@ from schemas import (
     TeacherInfo,
     TopKInfo,
 )
-from pipeline.store.teacher_head import TeacherHead
-from pipeline.vlm.data import image_root_for
-from pipeline.vlm.models import LoadedVLM, lm_head_and_scaling, load_vlm, pick_device, save_processor
-from pipeline.vlm.generation import GenerationSettings, resolve_backend
-from pipeline.store.teacher_head import write_teacher_head
+from pipeline.vlm.generation import GenerationSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.store.teacher_head import TeacherHead
+    from pipeline.vlm.models import LoadedVLM
+
 
 @dataclass(frozen=True)
 class DumpConfig:
@@ -45,15 +52,18 @@ class DumpConfig:
     split: str | None = None
     """Split of a datasets folder holding a DatasetDict."""
     responses: Literal["dataset", "generate"] = "dataset"
-    """Answers from the data itself, or written by the teacher."""
-    backend: str = "auto"
+    """Where the answers come from: the data set's own (dataset), or written by the teacher first (generate)."""
+    backend: Literal["auto", "vllm", "hf"] = "auto"
     """Generation backend: auto (vLLM when installed and on GPU), vllm, hf."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Sampling settings for generated answers."""
+    generate_batch_size: int = 16
+    """Prompts per HF generate call (left-padded; greedy answers do not depend on it)."""
     keep_if_correct: bool = False
     """Keep a generated answer only when it agrees with the reference answer."""
     on_incorrect: Literal["reference", "reject"] = "reference"
-    """With keep_if_correct: use the reference answer instead, or reject the sample."""
+    """With --keep-if-correct, what happens to a generated answer that disagrees: the reference answer is
+    stored instead, or the sample is rejected."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallel size."""
     top_k: int = 64
@@ -65,7 +75,7 @@ class DumpConfig:
     question_features_fraction: float = 0.0
     """Fraction of samples (chosen by id) that also store features at every prompt position."""
     max_length: int = 4096
-    """Samples longer than this (prompt with image tokens + answer) are rejected."""
+    """Longest sample in tokens (prompt with its image tokens + answer); longer samples are rejected."""
     max_batch_tokens: int = 8192
     """Padded tokens per forward batch."""
     window: int = 64
@@ -73,7 +83,7 @@ class DumpConfig:
     dtype: str = "auto"
     """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32, float16."""
     device: str = "auto"
-    """auto, cpu, cuda, cuda:N (ignored with device_map)."""
+    """auto, cpu, cuda, cuda:N (ignored with a device map)."""
     device_map: str | None = None
     """'auto' spreads the teacher over all visible GPUs."""
     attn_implementation: str | None = None
@@ -87,13 +97,15 @@ class DumpConfig:
     worker_index: int = 0
     """This worker's index (default: RANK under torchrun)."""
     shard_target_tokens: int = 8192
-    """Stored positions per committed shard."""
+    """Stored positions per committed shard (a shard is the unit of commit and resume)."""
     chunk_tokens: int = 256
     """Zarr chunk length along tokens."""
     limit: int | None = None
     """Use only the first N samples of the data (before splitting between workers)."""
 
     def __post_init__(self):
+        if self.generate_batch_size < 1:
+            raise ValueError(f"--generate-batch-size must be >= 1, got {self.generate_batch_size}")
         if not 0 <= self.worker_index < self.num_workers:
             raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})")
 
@@ -104,7 +116,6 @@ class LoadedTeacher:
     head: TeacherHead
     end_of_turn: set[int]
     pad_id: int
-    backend: str | None
 
     @property
     def processor(self):
@@ -127,7 +138,9 @@ def writer_id(cfg: DumpConfig) -> str:
 
 
 def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
-    backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
+    from pipeline.store.teacher_head import TeacherHead
+    from pipeline.vlm.models import lm_head_and_scaling, load_vlm, pick_device
+
     vlm = load_vlm(
         cfg.model,
         dtype=cfg.dtype,
@@ -139,10 +152,11 @@ def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
     )
     module, scale, softcap = lm_head_and_scaling(vlm.model)
     head = TeacherHead(module.weight.detach(), getattr(module, "bias", None), scale, softcap)
-    return LoadedTeacher(vlm, head, set(vlm.end_of_turn), vlm.pad_id, backend)
+    return LoadedTeacher(vlm, head, set(vlm.end_of_turn), vlm.pad_id)
 
 
-def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
+def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher, backend: str | None) -> CacheManifest:
+    """The manifest of this dump; `backend` is the resolved generation backend (None: answers from the data)."""
     vlm, head = teacher.vlm, teacher.head
     config = vlm.model.config
     return CacheManifest(
@@ -164,7 +178,7 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
         ),
         responses=ResponsesInfo(
             source=cfg.responses,
-            backend=teacher.backend,
+            backend=backend,
             sampling=cfg.generation.to_dict() if cfg.responses == "generate" else {},
             keep_if_correct=cfg.keep_if_correct,
             on_incorrect=cfg.on_incorrect if cfg.keep_if_correct else None,
@@ -180,12 +194,20 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher) -> CacheManifest:
 def resolved_image_root(cfg: DumpConfig) -> str | None:
     """The absolute folder `path:` references are relative to (a built-in data set's own folder when none was
     given), so that a student run reads the manifest instead of re-deriving it from the source's name."""
+    from pipeline.vlm.data import image_root_for
+
     root = image_root_for(cfg.data, cfg.image_root, cfg.split)
     return os.path.abspath(root) if root is not None else None
 
 
 def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncoding:
-    """bf16 storage is lossless only for a bf16 teacher; from fp32 it rounds (cosine > 0.9999)."""
+    """What the stored features are relative to the teacher's own hidden states.
+
+    bf16 storage always holds the bf16 values the reader returns bit for bit; relative to the teacher
+    it is lossless only for a bf16 teacher, and from fp32 it rounds (cosine >= 0.9999).
+    """
+    import torch
+
     source = str(source_dtype).removeprefix("torch.")
     if encoding == "bf16":
         lossless = source_dtype == torch.bfloat16
@@ -195,6 +217,9 @@ def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncodin
 
 def save_teacher_files(out: str, teacher: LoadedTeacher) -> None:
     """Head + config + tokenizer/processor + chat template under teacher/, once per cache (atomic)."""
+    from pipeline.store.teacher_head import write_teacher_head
+    from pipeline.vlm.models import save_processor
+
     write_teacher_head(out, teacher.head.weight, teacher.head.bias)
     final = Path(out) / TEACHER_HF_DIR
     if final.exists():

@@ -48,7 +48,7 @@ def pack_batches(items: list[Item], max_batch_tokens: int) -> list[list[Item]]:
 class FeaturePass:
     """Runs batches through the teacher and returns finished TeacherSamples for the writer."""
 
-    def __init__(self, cfg, teacher, manifest):
+    def __init__(self, teacher, manifest):
         self.teacher = teacher
         self.encoding = manifest.features
         self.k = manifest.topk.k

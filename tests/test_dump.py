@@ -134,7 +134,7 @@ def test_generated_responses_are_recorded_and_filtered(tmp_path, tiny_vlm_dir):
     ],
 )
 def test_choose_answer(keep, on_incorrect, record, reference, expected):
-    from pipeline.dump import choose_answer
+    from pipeline.response_log import choose_answer
 
     cfg = DumpConfig(model="m", data="d", out="o", keep_if_correct=keep, on_incorrect=on_incorrect)
     assert choose_answer(cfg, record, reference) == expected
@@ -158,3 +158,59 @@ def test_in_memory_images_travel_with_the_cache(tmp_path, tiny_vlm_dir, tiny_ima
     assert ref.startswith("sha256:")
     image = open_image_ref(ref, tmp_path / "c", None)
     assert image.tobytes() == tiny_image.convert("RGB").tobytes()
+
+
+def generated_log(cache):
+    lines = (cache / "responses" / "w00000.jsonl").read_text().splitlines()
+    return {r["sample_id"]: r["response"] for r in map(json.loads, lines)}
+
+
+def test_generate_batch_size_leaves_greedy_answers_and_cache_unchanged(tmp_path, tiny_vlm_dir):
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    common = dict(limit=7, top_k=4, responses="generate", backend="hf", generation=GenerationSettings(max_new_tokens=6))
+    one = dump(model_dir, tmp_path / "b1", generate_batch_size=1, **common)
+    five = dump(model_dir, tmp_path / "b5", generate_batch_size=5, **common)
+    assert generated_log(tmp_path / "b1") == generated_log(tmp_path / "b5")
+    assert len(generated_log(tmp_path / "b1")) == 7 and any(generated_log(tmp_path / "b1").values())
+    a, b = CacheReader(tmp_path / "b1"), CacheReader(tmp_path / "b5")
+    assert sorted(a.sample_ids) == sorted(b.sample_ids) and len(a) == 7
+    for sid in a.sample_ids:
+        assert a.sample_meta(sid)["answer"] == b.sample_meta(sid)["answer"] == generated_log(tmp_path / "b1")[sid]
+        assert np.array_equal(a.get(sid).target_ids, b.get(sid).target_ids)
+    for stats in (one, five):  # both phases are counted, apart
+        assert stats.generate_seconds > 0 and stats.feature_seconds > 0
+        assert stats.total_seconds >= stats.generate_seconds + stats.feature_seconds
+
+
+def test_each_image_is_decoded_once_for_generation_and_features(tmp_path, tiny_vlm_dir, monkeypatch):
+    import collections
+
+    import pipeline.dump
+
+    decoded = collections.Counter()
+    read_samples = pipeline.dump.read_samples
+
+    def counting(*args, **kwargs):
+        for sample in read_samples(*args, **kwargs):
+            for spec in getattr(sample, "images", []):
+                spec.load = _counted(spec.load, sample.sample_id, decoded)
+            yield sample
+
+    monkeypatch.setattr(pipeline.dump, "read_samples", counting)
+    stats = dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", limit=5, top_k=4, responses="generate",
+                 backend="hf", generation=GenerationSettings(max_new_tokens=3))
+    assert stats.written == 5
+    assert sorted(decoded) == [f"easy-vqa:train:{i}" for i in range(5)] and set(decoded.values()) == {1}
+
+
+def _counted(load, key, counter):
+    def wrapped():
+        counter[key] += 1
+        return load()
+
+    return wrapped
+
+
+def test_dataset_responses_spend_no_generation_time(tmp_path, tiny_vlm_dir):
+    stats = dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", limit=3, top_k=4)
+    assert stats.generate_seconds == 0 and stats.feature_seconds > 0 and not (tmp_path / "c" / "responses").exists()

@@ -7,8 +7,8 @@
     result = evaluate("runs/a/stage3", "easy-vqa:test", limit=200, progress=False)
     result["accuracy"], result["per_type"]["shape"]["accuracy"]
 
-Greedy decoding, several prompts per `model.generate` call (left padding), stopping at the chat
-template's end-of-turn ids. A prediction is right when it equals the answer after
+Greedy decoding through `pipeline.vlm.generation.HFGenerator` (several prompts per `model.generate`
+call, left padding, answers cut at the chat template's end-of-turn ids). A prediction is right when it equals the answer after
 `pipeline.vlm.answers.normalize_answer` (lower case, punctuation and articles dropped, spaces collapsed). Samples with a
 `meta["question_type"]` (easy-vqa: shape, color, yes/no) are also scored per type. Malformed records
 (BadSample), images that fail to load and prompts the chat template cannot render are skipped and
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
-import torch
-
 from pipeline.vlm.answers import is_match
 from pipeline.vlm.data import BadSample, DataSample, read_samples
 from pipeline.store.fsutil import write_atomic
+from pipeline.vlm.generation import GenerationSettings, HFGenerator
 from pipeline.vlm.images import ImageError
 from pipeline.vlm.models import load_vlm, pick_device
 from pipeline.vlm.prompting import TemplateError, render
@@ -62,33 +61,18 @@ class Predictor(Protocol):
 
 
 class GreedyPredictor:
-    """Greedy, left-padded, batched `model.generate` with a loaded VLM (`pipeline.vlm.models.LoadedVLM`)."""
+    """Greedy answers from a loaded VLM (`pipeline.vlm.models.LoadedVLM`) through the project's one batched
+    HF generator (`pipeline.vlm.generation.HFGenerator`: left padding, cut at the end-of-turn ids)."""
 
-    def __init__(self, vlm, max_new_tokens: int = 16):
-        self.vlm, self.max_new_tokens = vlm, max_new_tokens
-        self.end_of_turn, self.pad_id = vlm.end_of_turn, vlm.pad_id
-        vlm.tokenizer.padding_side = "left"  # new tokens start at the same column for every row
+    def __init__(self, vlm, max_new_tokens: int = 16, batch_size: int = 16):
+        self.vlm = vlm
+        self.generator = HFGenerator(vlm, GenerationSettings(max_new_tokens=max_new_tokens), batch_size)
 
     def prompt(self, sample: DataSample) -> str:
         return render(self.vlm.processor, sample.messages, add_generation_prompt=True)
 
-    @torch.inference_mode()
     def __call__(self, batch: list[Pending]) -> list[str]:
-        kwargs = {"text": [p.prompt for p in batch], "padding": True, "return_tensors": "pt"}
-        images = [image for p in batch for image in p.images]
-        if images:
-            kwargs["images"] = images
-        inputs = self.vlm.processor(**kwargs).to(self.vlm.device)
-        out = self.vlm.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      eos_token_id=self.end_of_turn, pad_token_id=self.pad_id)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
-        return [self.decode(row) for row in new]
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of generated ids up to (without) the first end-of-turn id; special tokens skipped."""
-        stops = set(self.end_of_turn)
-        end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
-        return self.vlm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+        return self.generator.generate([(p.prompt, p.images) for p in batch])
 
 
 class _Tally:
@@ -211,7 +195,7 @@ def evaluate(model: str, data: str, image_root: str | None = None, limit: int | 
         raise ValueError(f"limit must be >= 0, got {limit}")
     items = read_samples(data, image_root)  # DataError now for a missing / unreadable source
     if predictor is None:
-        predictor = GreedyPredictor(load_vlm(model, device=pick_device(device)), max_new_tokens)
+        predictor = GreedyPredictor(load_vlm(model, device=pick_device(device)), max_new_tokens, batch_size)
     start = time.perf_counter()
     bar = _progress_bar(progress, limit, f"eval {data_slug(data)}")
     try:
