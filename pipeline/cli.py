@@ -1,6 +1,7 @@
 """`pipeline`: the teacher side. Each command parses its options and calls one function.
 
     pipeline inspect cache/          # what the cache holds, bytes per token per array
+    pipeline inspect cache/ --rejects  # the rejected samples: id, stage, reason
     pipeline verify cache/           # checksums and schema; exit 1 naming bad shards
     pipeline dump-teacher --model qwen2-vl-72b --data llava.json --image-root /data --out cache/
     torchrun --nproc_per_node 8 -m pipeline.cli dump-teacher ...   # one worker per GPU
@@ -15,6 +16,9 @@ import click
 
 from schemas import CacheFormatError, CacheMismatchError
 from pipeline import __version__
+from pipeline.config_options import config_options
+from pipeline.dump_config import DumpConfig, workers_from_env
+from pipeline.vlm.generation import GenerationSettings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,44 +27,27 @@ def main() -> None:
     """Run a large teacher VLM once and manage the teacher cache it fills."""
 
 
+# Every DumpConfig field is an option (help text and default from the field), but `generation`, whose
+# fields are options of their own; the CLI defaults of the worker split come from torchrun's environment.
+DUMP_OPTIONS = dict(
+    skip={"generation"},
+    overrides={
+        "out": {"type": click.Path(file_okay=False)},
+        "image_root": {"type": click.Path(exists=True, file_okay=False)},
+        "shard_target_tokens": {"decls": ["--shard-tokens"]},
+        "num_workers": {"default": None, "show_default": False},
+        "worker_index": {"default": None, "show_default": False},
+    },
+)
+
+
 @main.command("dump-teacher")
-@click.option("--model", required=True, help="Teacher: alias (qwen2-vl-72b, ...), hub id, or local folder.")
-@click.option("--data", required=True, help="LLaVA JSON, TRL jsonl/parquet/datasets folder, or easy-vqa:train|test.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (an existing one is resumed).")
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False), help="Root of relative image paths.")
-@click.option("--split", help="Split of a datasets folder holding a DatasetDict.")
-@click.option("--responses", type=click.Choice(["dataset", "generate"]), default="dataset", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "vllm", "hf"]), default="auto", show_default=True,
-              help="Generation backend (auto: vLLM when installed and on GPU).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--keep-if-correct", is_flag=True, help="Keep a generated answer only if it agrees with the reference.")
-@click.option("--on-incorrect", type=click.Choice(["reference", "reject"]), default="reference", show_default=True)
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM tensor parallel size.")
-@click.option("--top-k", type=int, default=64, show_default=True, help="Top-k log-probs stored per position.")
-@click.option("--logprob-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--feature-encoding", type=click.Choice(["bf16", "fp8_e4m3", "int8"]), default="bf16", show_default=True)
-@click.option("--question-features-fraction", type=float, default=0.0, show_default=True)
-@click.option("--max-length", type=int, default=4096, show_default=True)
-@click.option("--max-batch-tokens", type=int, default=8192, show_default=True)
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float32.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--device-map", default=None, help="'auto' spreads the teacher over all GPUs.")
-@click.option("--attn-implementation", default=None, help="sdpa, flash_attention_2, eager.")
-@click.option("--trust-remote-code", is_flag=True, help="Run code from the model repository.")
-@click.option("--revision", default=None)
-@click.option("--num-workers", type=int, default=None, help="Workers splitting the data (default: WORLD_SIZE or 1).")
-@click.option("--worker-index", type=int, default=None, help="This worker (default: RANK or 0).")
-@click.option("--shard-tokens", "shard_target_tokens", type=int, default=8192, show_default=True)
-@click.option("--limit", type=int, default=None, help="Use only the first N samples.")
-@click.option("--progress/--no-progress", default=True)
+@config_options(DumpConfig, **DUMP_OPTIONS)
+@config_options(GenerationSettings)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, seed, num_workers, worker_index, **options):
     """Run the teacher once over --data and write the cache to --out (rerun to resume)."""
     from pipeline.dump import dump_teacher
-    from pipeline.dump_config import DumpConfig, workers_from_env
-    from pipeline.vlm.generation import GenerationSettings
 
     n, i = workers_from_env(num_workers, worker_index)
     generation = GenerationSettings(max_new_tokens, temperature, top_p, seed)
@@ -69,9 +56,17 @@ def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, see
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     stats = _or_fail(dump_teacher, cfg, progress=progress)
-    click.echo(
-        f"worker {i}/{n}: {stats.written} written, {stats.rejected} rejected, {stats.skipped} already done; "
-        f"{stats.tokens} tokens in {stats.wall_seconds:.1f} s; reject reasons {stats.reject_reasons or '{}'}"
+    click.echo(f"worker {i}/{n}: {dump_summary(stats, cfg.out)}")
+
+
+def dump_summary(stats, cache: str) -> str:
+    """One line: counts, reject reasons, and where the time went (generation and feature pass apart)."""
+    reasons = ", ".join(f"{stage} {count}" for stage, count in sorted(stats.reject_reasons.items()))
+    rejected = f"{stats.rejected} rejected" + (f" ({reasons}; list them: pipeline inspect {cache} --rejects)" if reasons else "")
+    return (
+        f"{stats.written} written, {rejected}, {stats.skipped} already done; {stats.tokens} tokens; "
+        f"generation {stats.generate_seconds:.1f} s, features {stats.feature_seconds:.1f} s, "
+        f"total {stats.total_seconds:.1f} s (model loading included)"
     )
 
 
@@ -104,11 +99,16 @@ def demo_command(out: str | None, quick: bool) -> None:
 
 @main.command("inspect")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect_command(cache: str, as_json: bool) -> None:
+@click.option("--rejects", is_flag=True, help="List the rejected samples with their ids and reasons instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_command(cache: str, rejects: bool, as_json: bool) -> None:
     """Summarise CACHE: samples, tokens, bytes per token per array, teacher and settings."""
-    from pipeline.store.inspect_cache import cache_summary, format_summary
+    from pipeline.store.inspect_cache import cache_summary, format_rejects, format_summary, list_rejects
 
+    if rejects:
+        rows = _or_fail(list_rejects, cache)
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False) if as_json else format_rejects(rows))
+        return
     summary = _or_fail(cache_summary, cache)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 

@@ -96,3 +96,74 @@ def test_inspect_reports_counts_and_bytes_per_token(small_cache):
     features = summary["arrays"]["features"]
     assert features["raw_bytes"] == tokens * 64 * 2
     assert features["stored_bytes_per_token"] == pytest.approx(features["stored_bytes"] / tokens)
+
+
+def test_inspect_names_the_head_bytes_and_counts_in_the_singular(tmp_path, teacher):
+    from tests.conftest import write_cache
+    from tests.synthetic import synthetic_manifest
+
+    root = tmp_path / "cache"
+    write_cache(root, teacher, ["a", "b"], manifest=synthetic_manifest(shard_target_tokens=10_000))
+    result = run("inspect", root)
+    assert result.exit_code == 0, result.output
+    assert "in 1 shard from 1 writer" in result.output and "1 shards" not in result.output
+    head_bytes = (root / "teacher" / "head.safetensors").stat().st_size
+    summary = json.loads(run("inspect", root, "--json").output)
+    assert summary["head_bytes"] == head_bytes and 0 < summary["shard_bytes"] < summary["total_bytes"]
+    head_line = next(line for line in result.output.splitlines() if line.strip().startswith("head"))
+    assert "teacher head" in head_line and "vocab 500 x d 64" in head_line
+
+
+@pytest.mark.parametrize(
+    "encoding, teacher_dtype, words",
+    [
+        ("bf16", "bfloat16", ["bit for bit", "bit-exact to the bfloat16 teacher"]),
+        ("bf16", "float32", ["bit for bit", "relative to the float32 teacher it rounds (cosine >= 0.9999)"]),
+        ("int8", "float32", ["int8: lossy relative to the float32 teacher"]),
+    ],
+)
+def test_inspect_says_what_the_features_are_exact_to(encoding, teacher_dtype, words):
+    import torch
+
+    from pipeline.dump_config import feature_encoding
+    from pipeline.store.inspect_cache import feature_precision
+    from schemas.dataclass_io import to_dict
+
+    text = feature_precision(to_dict(feature_encoding(encoding, getattr(torch, teacher_dtype))))
+    for w in words:
+        assert w in text, text
+    assert ("lossy" in text) == (encoding != "bf16")
+
+
+def test_inspect_rejects_lists_ids_and_reasons(tmp_path, teacher):
+    from pipeline.store.writer import CacheWriter
+    from tests.synthetic import synthetic_manifest
+
+    root = tmp_path / "cache"
+    manifest = synthetic_manifest()
+    with CacheWriter(root, manifest, "w0") as writer:
+        writer.add(teacher.sample("kept", 4, manifest.topk.k))
+        writer.reject("too-long", "length", "5000 tokens > --max-length 4096", "data.json#3")
+        writer.reject("no-image", "image", "image file not found: x.png", "data.json#7")
+        writer.reject("long-2", "length", "4100 tokens > --max-length 4096", "")
+    result = run("inspect", root, "--rejects")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "3 rejected samples: image 1, length 2"
+    by_id = {line.split()[0]: line for line in lines[2:]}
+    assert set(by_id) == {"too-long", "no-image", "long-2"}
+    assert "image file not found: x.png" in by_id["no-image"] and "[data.json#7]" in by_id["no-image"]
+    rows = json.loads(run("inspect", root, "--rejects", "--json").output)
+    assert {r["sample_id"]: (r["stage"], r["reason"]) for r in rows} == {
+        "too-long": ("length", "5000 tokens > --max-length 4096"),
+        "no-image": ("image", "image file not found: x.png"),
+        "long-2": ("length", "4100 tokens > --max-length 4096"),
+    }
+    assert "3 rejected (list them" in run("inspect", root).output
+
+
+def test_inspect_rejects_of_a_clean_cache(small_cache):
+    root, _ = small_cache
+    result = run("inspect", root, "--rejects")
+    assert result.exit_code == 0 and result.output.strip() == "no rejected samples"
+    assert json.loads(run("inspect", root, "--rejects", "--json").output) == []

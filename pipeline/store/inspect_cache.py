@@ -1,4 +1,5 @@
-"""`pipeline inspect`: what a cache holds and what it costs, from the small index files only."""
+"""`pipeline inspect`: what a cache holds and what it costs, from the small index files only;
+`pipeline inspect --rejects`: the samples the dump refused, with their reasons (from rejects.parquet)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas import ARRAY_SPECS, read_manifest
+from schemas import ARRAY_SPECS, HEAD_FILE, SHARDS_DIR, read_manifest
 from pipeline.store.fsutil import dir_bytes
 from pipeline.store.layout import committed_shards, load_index, temporary_shards
 
@@ -49,6 +50,8 @@ def cache_summary(cache_dir: str | Path) -> dict:
         "question_tokens": qtokens,
         "arrays": arrays,
         "total_bytes": dir_bytes(root),
+        "shard_bytes": dir_bytes(root / SHARDS_DIR) if (root / SHARDS_DIR).is_dir() else 0,
+        "head_bytes": (root / HEAD_FILE).stat().st_size if (root / HEAD_FILE).is_file() else 0,
         "temporary_folders": temporary_shards(root),
     }
 
@@ -63,14 +66,20 @@ def format_summary(s: dict) -> str:
         f"tokenizer vocab={t['tokenizer_vocab_size']}, {t['dtype']})",
         f"responses  {m['responses']['source']}" + (f" via {m['responses']['backend']}" if m["responses"]["backend"] else ""),
         f"data       {m['data']['source']}",
-        f"features   {f['encoding']} ({'lossless' if f['lossless'] else 'lossy'}, min cosine {f['min_cosine']})",
+        f"features   {feature_precision(f)}",
         f"top-k      k={k['k']} ({k['logprob_dtype']}), question-feature fraction "
         f"{m['positions']['question_features_fraction']}",
-        f"samples    {s['samples']} stored, {s['rejected']} rejected, in {s['shards']} shards from {s['writers']} writer(s)",
+        f"samples    {s['samples']} stored, {s['rejected']} rejected"
+        + (" (list them: pipeline inspect CACHE --rejects)" if s["rejected"] else "")
+        + f", in {_count(s['shards'], 'shard')} from {_count(s['writers'], 'writer')}",
         f"tokens     {s['tokens']} stored positions"
         + (f" ({s['tokens'] / s['samples']:.1f} per sample)" if s["samples"] else "")
         + f"; {s['question_tokens']} question positions in {s['samples_with_question_features']} samples",
-        f"size       {_human(s['total_bytes'])} on disk",
+        f"size       {_human(s['total_bytes'])} on disk:",
+        f"  shards   {_human(s['shard_bytes'])} (the arrays below, sample tables, indexes)",
+        f"  head     {_human(s['head_bytes'])} teacher head ({HEAD_FILE}: vocab {t['vocab_size']} x d {t['hidden_size']})",
+        f"  other    {_human(s['total_bytes'] - s['shard_bytes'] - s['head_bytes'])} "
+        "(teacher config and tokenizer, images of in-memory data, response logs)",
         "",
         f"{'array':<24}{'dtype':<9}{'raw':>11}{'stored':>11}{'ratio':>7}{'B/token':>10}",
     ]
@@ -84,6 +93,43 @@ def format_summary(s: dict) -> str:
     if s["temporary_folders"]:
         lines.append(f"\n{len(s['temporary_folders'])} temporary folder(s) in shards/ (ignored by readers)")
     return "\n".join(lines)
+
+
+def feature_precision(f: dict) -> str:
+    """What is exact relative to what: the stored bits against what the reader returns, and against the teacher."""
+    source = f["source_dtype"]
+    if f["encoding"] == "bf16":
+        relative = (
+            f"bit-exact to the {source} teacher" if f["lossless"]
+            else f"relative to the {source} teacher it rounds (cosine >= {f['min_cosine']})"
+        )
+        return f"bf16: the reader returns the stored bf16 values bit for bit; {relative}"
+    return f"{f['encoding']}: lossy relative to the {source} teacher (cosine >= {f['min_cosine']}, checked at dump time)"
+
+
+def list_rejects(cache_dir: str | Path) -> list[dict]:
+    """Every rejected sample of the committed shards: {"sample_id", "source", "stage", "reason"}, in shard order."""
+    from pipeline.store.reader import CacheReader
+
+    return CacheReader(cache_dir).rejects_table().to_pylist()
+
+
+def format_rejects(rows: list[dict]) -> str:
+    """Counts per stage, then one line per rejected sample (id, stage, reason, where it came from)."""
+    if not rows:
+        return "no rejected samples"
+    stages: dict[str, int] = {}
+    for row in rows:
+        stages[row["stage"]] = stages.get(row["stage"], 0) + 1
+    lines = [f"{_count(len(rows), 'rejected sample')}: " + ", ".join(f"{k} {n}" for k, n in sorted(stages.items())), ""]
+    width = max(len(row["sample_id"]) for row in rows)
+    lines += [f"{row['sample_id']:<{width}}  {row['stage']:<9} {row['reason']}" + (f"  [{row['source']}]" if row["source"] else "")
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _human(n: float) -> str:
