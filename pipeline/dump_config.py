@@ -79,7 +79,8 @@ class DumpConfig:
     max_batch_tokens: int = 8192
     """Padded tokens per forward batch."""
     window: int = 64
-    """Samples prepared at a time; batches are length-sorted within a window."""
+    """Samples prepared at a time (with --responses generate: answered and logged at a time); forward
+    batches are length-sorted within a window."""
     dtype: str = "auto"
     """Teacher dtype: auto (bf16 on GPU, fp32 on CPU), bfloat16, float32, float16."""
     device: str = "auto"
