@@ -67,7 +67,7 @@ def regime_ids(cache: Path, fraction: float) -> tuple[str, ...] | None:
 
 def train_variant(variant: str, cache: Path, student: Path, out: Path, seed: int, steps: list[int], ids) -> float:
     """Train one variant from the student init; returns the wall time of its training stages."""
-    from student.loop import train_stage
+    from student.train import train_stage
     from student.checkpoint import FINISHED_FILE
     from student.config import TrainConfig
 
