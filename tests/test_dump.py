@@ -214,3 +214,33 @@ def _counted(load, key, counter):
 def test_dataset_responses_spend_no_generation_time(tmp_path, tiny_vlm_dir):
     stats = dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", limit=3, top_k=4)
     assert stats.generate_seconds == 0 and stats.feature_seconds > 0 and not (tmp_path / "c" / "responses").exists()
+
+
+def test_vllm_phase_writes_every_answer_before_the_feature_pass_and_resumes(tmp_path, tiny_vlm_dir, monkeypatch):
+    import pipeline.dump
+    import pipeline.vlm.generation
+
+    engines = []
+
+    class StandInVLLM:  # answers like the vLLM backend, without a GPU
+        name = "vllm"
+
+        def __init__(self, path, settings, *args):
+            engines.append(path)
+
+        def generate(self, prompts):
+            return [f"circle {len(images)}" for _, images in prompts]
+
+    monkeypatch.setattr(pipeline.dump, "resolve_backend", lambda backend: "vllm")
+    monkeypatch.setattr(pipeline.vlm.generation, "VLLMGenerator", StandInVLLM)
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    first = dump(model_dir, tmp_path / "c", limit=4, top_k=4, responses="generate")
+    assert len(engines) == 1 and first.written == 4 and first.generate_seconds > 0
+    reader = CacheReader(tmp_path / "c")
+    assert reader.manifest.responses.backend == "vllm"
+    assert {reader.sample_meta(sid)["answer"] for sid in reader.sample_ids} == {"circle 1"}
+    again = dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate")
+    assert len(engines) == 2 and (again.written, again.skipped) == (2, 4)
+    assert set(generated_log(tmp_path / "c")) == {f"easy-vqa:train:{i}" for i in range(6)}
+    dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate")
+    assert len(engines) == 2  # every answer logged and every sample committed: no engine is started
