@@ -63,6 +63,8 @@ RECIPES = {
     "bpe-shuffle": replace(BPE, order="shuffle"),
     "bpe-balanced": replace(BPE, order="shuffle", mix="balanced"),
     "bpe-lr3": replace(BPE, order="shuffle", lr=3e-3, lr_end=3e-4),
+    "bpe-lr3-balanced-600": replace(BPE, samples=20000, steps=600, order="shuffle", mix="balanced", lr=3e-3,
+                                    lr_end=3e-4),
 }
 
 
