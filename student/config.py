@@ -75,6 +75,12 @@ class TrainConfig:
     """Also checkpoint every N steps (0: only at the end)."""
     num_workers: int = 2
     """DataLoader worker processes that read the cache and run the student's processor (0: in the training process)."""
+    cache_reads: Literal["block", "random"] = "block"
+    """How the teacher arrays are read from the cache. block: whole shards at once, batches in shard-window order
+    (shards shuffled per epoch, --shuffle-shards of them form the shuffle buffer); random: one read per sample, in a
+    global shuffle (much slower per sample)."""
+    shuffle_shards: int = 4
+    """Block reads: shards per shuffle window (what one DataLoader worker holds in memory)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     image_root: str | None = None
