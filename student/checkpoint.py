@@ -57,7 +57,7 @@ def stage_dir(cfg: TrainConfig, stage: int | None = None) -> Path:
 
 def student_source(cfg: TrainConfig) -> str:
     """Stage 1 starts from --student; later stages from the previous stage's output."""
-    if cfg.stage == 1 or cfg.from_student or cfg.data:
+    if cfg.stage == 1 or cfg.from_student or cfg.data or cfg.method == "uld":
         return cfg.student
     previous = stage_dir(cfg, cfg.stage - 1)
     if not (previous / FINISHED_FILE).exists():

@@ -51,6 +51,10 @@ class TrainConfig:
     """Run folder; stage N writes OUT/stage{N}."""
     stage: int
     """1: Recalibrator only; 2: student (but its vision encoder) + Recalibrator; 3: plain SFT of the student."""
+    method: Literal["genrecal", "uld"] = "genrecal"
+    """genrecal: the Recalibrator and the frozen teacher head (stages 1-3); uld: the cross-tokenizer baseline
+    Universal Logit Distillation, stage 2 only, from --student with no Recalibrator (the student's CE plus
+    the sorted-probability L1 to the cached top-k, weight --uld-weight)."""
     steps: int = 100
     """Optimizer steps of this stage."""
     batch_size: int = 8
@@ -116,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"--stage must be 1, 2 or 3, not {self.stage}")
         if (self.cache is None) == (self.data is None):
             raise ValueError("give either a teacher cache (--cache) or, for stage 3, a data source (--data)")
+        if self.method == "uld" and (self.stage != 2 or self.cache is None):
+            raise ValueError("--method uld is a stage-2 run against a teacher cache: use --stage 2 --cache CACHE "
+                             "(it starts from --student; a stage 3 may follow it)")
         if self.data is not None and self.stage != 3:
             raise ValueError("--data (SFT on a data source) is stage 3 only; stages 1-2 need a teacher cache")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.progress import progress_bar
 from pipeline.store.teacher_head import TeacherHead
 from student import distributed
 from student.checkpoint import save_checkpoint
@@ -22,13 +23,14 @@ from student.config import TrainConfig
 from student.metrics_log import MetricsLog
 from student.recalibrator import Recalibrator
 from student.scale import autocast, clip_gradients
-from student.step import genrecal_losses, student_ce, student_forward
+from student.step import genrecal_losses, student_ce, student_forward, uld_losses
 
 STAGE_TERMS = {
     1: ("ce", "kl", "reg_ce", "reg_kl", "total"),
     2: ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total"),
     3: ("student_ce", "total"),
 }
+METHOD_TERMS = {"uld": ("student_ce", "uld", "total")}  # methods whose terms do not follow the stage
 
 
 @dataclass
@@ -89,8 +91,8 @@ class _Run:
         cfg, device = self.cfg, self.student.device
         # a fixed set of terms (0 where a micro-batch has none, e.g. no question features), so that
         # accumulation and the mean over ranks agree
-        totals = dict.fromkeys(STAGE_TERMS[cfg.stage], 0.0)
-        measure = cfg.stage != 3 and cfg.attention_every > 0 and step % cfg.attention_every == 0  # question reliance
+        totals = dict.fromkeys(METHOD_TERMS.get(cfg.method, STAGE_TERMS[cfg.stage]), 0.0)
+        measure = self.rec is not None and cfg.attention_every > 0 and step % cfg.attention_every == 0  # question reliance
         wait, start, tokens = 0.0, time.perf_counter(), 0
         optimizer.zero_grad(set_to_none=True)
         for micro in range(cfg.grad_accum):
@@ -119,6 +121,8 @@ class _Run:
         }
 
     def _terms(self, batch, measure_reliance: bool) -> dict:
+        if self.cfg.method == "uld":
+            return uld_losses(self.student, batch, self.cfg.loss, self.cfg.fsdp)
         if self.cfg.stage == 3:
             _, logits = student_forward(self.student, batch, True, self.cfg.fsdp)
             loss = student_ce(logits, batch)
@@ -134,11 +138,8 @@ def _peak_memory_mb(device) -> float:
 
 
 def _bar(cfg: TrainConfig, step: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=step, desc=f"stage {cfg.stage}", unit="step", dynamic_ncols=True)
+    desc = f"stage {cfg.stage}" + (f" ({cfg.method})" if cfg.method != "genrecal" else "")
+    return progress_bar(cfg.steps, desc, unit="step", enabled=enabled, initial=step)
 
 
 def __getattr__(name: str):

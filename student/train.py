@@ -78,7 +78,7 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
     reader = None
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache)  # a folder without a readable manifest fails here
-        if cfg.stage != 3:  # stage 3 (plain SFT) does not use the teacher head
+        if cfg.stage != 3 and cfg.method == "genrecal":  # SFT and ULD do not use the teacher head
             check_teacher_head(cfg.cache, reader.manifest)
     else:
         read_samples(cfg.data, cfg.image_root)  # a missing or unreadable data source fails here
@@ -93,11 +93,12 @@ def set_up(cfg: TrainConfig, inputs: Inputs, rank: int, world: int) -> Training:
     device = torch.device(pick_device(cfg.device))
     bf16 = use_bf16(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    vlm = load_vlm(inputs.model, device=str(device))
+    vlm = load_vlm(inputs.model, dtype="float32", device=str(device))  # fp32 weights; bf16 comes from autocast
     student = vlm.model
     _check_student_vocabulary(vlm)
     data = _student_data(cfg, inputs.reader, vlm)
-    head = _teacher_head(cfg, inputs.reader, device, bf16) if inputs.reader and cfg.stage != 3 else None
+    uses_head = inputs.reader is not None and cfg.stage != 3 and cfg.method == "genrecal"
+    head = _teacher_head(cfg, inputs.reader, device, bf16) if uses_head else None
     rec = _recalibrator(cfg, student, inputs.reader, inputs.out if inputs.state else None, device)
     if cfg.gradient_checkpointing and cfg.stage in (2, 3):
         enable_gradient_checkpointing(student, rec)
@@ -151,7 +152,7 @@ def _check_student_vocabulary(vlm) -> None:
 
 
 def _recalibrator(cfg: TrainConfig, student, reader, resume_dir: Path | None, device) -> Recalibrator | None:
-    if cfg.stage == 3:
+    if cfg.stage == 3 or cfg.method != "genrecal":
         return None
     d_teacher = reader.manifest.teacher.hidden_size
     rec = Recalibrator.from_student(student, d_teacher, depth=cfg.rec_depth, init=cfg.rec_init, seed=cfg.seed)

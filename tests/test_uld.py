@@ -1,5 +1,6 @@
 """The ULD baseline on a real cache (Qwen2 teacher, 152k vocabulary -> Mistral-tokenizer student, 32k)."""
 
+import pytest
 import torch
 
 from pipeline.vlm.models import load_vlm
@@ -50,3 +51,27 @@ def test_training_on_uld_lowers_it(pair_cache, pair_student):
         optimizer.step()
         history.append(terms["uld"].item())
     assert history[-1] < 0.7 * history[0], history
+
+
+def test_method_uld_is_a_stage_2_run_without_recalibrator(tmp_path, pair_cache, pair_student):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from student.config import TrainConfig
+    from student.train import train_stage
+
+    cfg = TrainConfig(cache=str(pair_cache), student=str(pair_student.path), out=str(tmp_path / "uld"), stage=2,
+                      method="uld", steps=2, batch_size=4, lr=1e-3, num_workers=0)
+    metrics = train_stage(cfg, progress=False)
+    assert set(metrics[0]) >= {"student_ce", "uld", "total"} and "ce" not in metrics[0]
+    assert all(torch.isfinite(torch.tensor(m["uld"])) for m in metrics)
+    out = tmp_path / "uld" / "stage2"
+    assert not (out / "recalibrator").exists()
+    (before,) = Path(pair_student.path).glob("model*.safetensors")
+    (after,) = out.glob("model*.safetensors")
+    old, new = load_file(str(before)), load_file(str(after))
+    changed = [k for k in new if not torch.equal(old[k], new[k])]
+    assert changed and not any("vision_tower" in k for k in changed)
+    with pytest.raises(ValueError, match="stage-2 run"):
+        TrainConfig(cache=str(pair_cache), student="s", out="o", stage=1, method="uld")
