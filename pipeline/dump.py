@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pipeline.progress import progress_bar
 from pipeline.dump_config import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
 from pipeline.feature_pass import FeaturePass, pack_batches
 from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers
@@ -189,8 +190,4 @@ def _windows(items: list, size: int):
 
 
 def _bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="dump-teacher", unit="sample", dynamic_ncols=True)
+    return progress_bar(total, "dump-teacher", unit="sample", enabled=enabled)

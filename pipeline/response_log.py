@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from schemas import RESPONSES_DIR
+from pipeline.progress import progress_bar
 from pipeline.vlm.answers import answers_agree
 from pipeline.vlm.data import DataSample, ImageError
 from pipeline.vlm.prompting import TemplateError, render
@@ -128,8 +129,4 @@ def generate_with_vllm(cfg, samples: list[DataSample], log: ResponseLog, progres
 
 
 def _bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="generate (vllm)", unit="sample", dynamic_ncols=True)
+    return progress_bar(total, "generate (vllm)", unit="sample", enabled=enabled)

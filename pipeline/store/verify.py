@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from schemas import INDEX_FILE, REJECTS_FILE, SAMPLES_FILE, CacheFormatError, CacheManifest, read_manifest
+from pipeline.progress import progress_bar
 from pipeline.store.fsutil import files_under, sha256_file
 from pipeline.store.layout import committed_shards, load_index, shard_dir, temporary_shards
 from pipeline.store.shard_files import array_sha256, open_arrays, read_table
@@ -134,9 +135,11 @@ def _check_tables(folder: Path, index) -> list[str]:
     return problems
 
 
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="verify", unit="shard")
+def _progress(items: list, enabled: bool):
+    bar = progress_bar(len(items), "verify", unit="shard", enabled=enabled)
+    for item in items:
+        yield item
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
+from pipeline.progress import progress_bar
 from pipeline.vlm.answers import is_match
 from pipeline.vlm.data import BadSample, DataSample, read_samples
 from pipeline.store.fsutil import write_atomic
@@ -167,11 +168,7 @@ def _limited(items: Iterable, limit: int | None, skip: int = 0) -> Iterator:
 
 
 def _progress_bar(enabled: bool, total: int | None, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+    return progress_bar(total, desc, unit="sample", enabled=enabled)
 
 
 def default_output(model: str, data: str, limit: int | None = None, skip: int = 0) -> Path:
