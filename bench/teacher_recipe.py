@@ -49,6 +49,13 @@ class Recipe:
     mix: str = "natural"
     """natural: the questions as they come; balanced: yes/no questions cut to as many as colour + shape ones."""
     seed: int = 0
+    vision_pretrain_steps: int = 0
+    """Before the SFT: fit the vision tower + merger alone (batch 32) to the colour and shape of the images of
+    the training questions (mean-pooled image tokens, two linear heads), the way real VLMs start from a
+    pretrained vision encoder (bench/vision_pretrain.py)."""
+    vision_pretrain_lr: float = 1e-3
+    train_vision_encoder: bool = True
+    """During the SFT (the merger always trains)."""
 
 
 DEMO_TEACHER = {"family": "qwen2-vl-tiny", "tokenizer": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
@@ -65,6 +72,7 @@ RECIPES = {
     "bpe-lr3": replace(BPE, order="shuffle", lr=3e-3, lr_end=3e-4),
     "bpe-lr3-balanced-600": replace(BPE, samples=20000, steps=600, order="shuffle", mix="balanced", lr=3e-3,
                                     lr_end=3e-4),
+    "bpe-vpre": replace(BPE, samples=20000, steps=300, order="shuffle", vision_pretrain_steps=400),
 }
 
 
@@ -126,7 +134,7 @@ def train(recipe: Recipe, model: Path, run: Path) -> float:
     data, limit, image_root = training_data(recipe, run)
     cfg = TrainConfig(cache=None, data=data, data_limit=limit, image_root=image_root, student=str(model), out=str(run), stage=3,
                       steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, lr_end=recipe.lr_end,
-                      num_workers=1, train_vision_encoder=True, seed=recipe.seed)
+                      num_workers=1, train_vision_encoder=recipe.train_vision_encoder, seed=recipe.seed)
     restore = _shuffled_order() if recipe.order == "shuffle" else (lambda: None)
     started = time.perf_counter()
     try:
@@ -153,7 +161,15 @@ def run_recipe(name: str, recipe: Recipe, out: Path) -> dict:
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
     model = build(recipe, run / "init")
-    seconds = train(recipe, model, run)
+    seconds = 0.0
+    if recipe.vision_pretrain_steps:
+        from bench.vision_pretrain import pretrain_vision
+
+        started = time.perf_counter()
+        model = pretrain_vision(model, run / "vision-pretrained", recipe.samples, recipe.vision_pretrain_steps,
+                                recipe.vision_pretrain_lr, recipe.seed)
+        seconds = time.perf_counter() - started
+    seconds += train(recipe, model, run)
     result = row(name, recipe, seconds, held_out(run / "stage3"))
     with open(out / "results.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(result) + "\n")
