@@ -28,6 +28,7 @@ from pipeline.vlm.images import open_image_ref
 from pipeline.vlm.prompting import EncodedSample, collate, encode_sample
 from pipeline.store.reader import CacheReader
 from student.losses import TopKTarget
+from student.packing import pack, unpack
 
 
 @dataclass
@@ -48,6 +49,13 @@ class StudentBatch:
     @property
     def prompt_lens(self) -> list[int]:
         return [item.student.prompt_len for item in self.items]
+
+    # pickled (from a DataLoader worker) as one buffer per dtype: see student/packing.py
+    def __getstate__(self):
+        return pack((self.inputs, self.items))
+
+    def __setstate__(self, state):
+        self.inputs, self.items = unpack(state)
 
 
 class CacheStudentData(torch.utils.data.Dataset):
