@@ -56,6 +56,8 @@ class Recipe:
     vision_pretrain_lr: float = 1e-3
     train_vision_encoder: bool = True
     """During the SFT (the merger always trains)."""
+    start_from: str | None = None
+    """Another recipe's finished run (OUT/<name>/stage3) to continue the SFT from (nothing is built or pretrained)."""
 
 
 DEMO_TEACHER = {"family": "qwen2-vl-tiny", "tokenizer": "qwen2", "hidden_size": 128, "num_hidden_layers": 4,
@@ -73,7 +75,11 @@ RECIPES = {
     "bpe-lr3-balanced-600": replace(BPE, samples=20000, steps=600, order="shuffle", mix="balanced", lr=3e-3,
                                     lr_end=3e-4),
     "bpe-vpre": replace(BPE, samples=20000, steps=300, order="shuffle", vision_pretrain_steps=400),
+    # the candidate: the demo teacher (Qwen2 tokenizer) with a 4-deep, 128-wide vision tower pretrained first
+    "best": replace(DEMO, model=DEMO_TEACHER | {"vision_config": {"depth": 4, "embed_dim": 128, "num_heads": 4}},
+                    samples=20000, steps=400, order="shuffle", vision_pretrain_steps=1000, vision_pretrain_lr=2e-3),
 }
+RECIPES["best-more"] = replace(RECIPES["best"], start_from="best", lr=5e-4, lr_end=5e-5, seed=1)
 
 
 def build(recipe: Recipe, folder: Path) -> Path:
@@ -160,9 +166,9 @@ def row(name: str, recipe: Recipe, seconds: float, result: dict) -> dict:
 def run_recipe(name: str, recipe: Recipe, out: Path) -> dict:
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
-    model = build(recipe, run / "init")
+    model = out / recipe.start_from / "stage3" if recipe.start_from else build(recipe, run / "init")
     seconds = 0.0
-    if recipe.vision_pretrain_steps:
+    if recipe.vision_pretrain_steps and not recipe.start_from:
         from bench.vision_pretrain import pretrain_vision
 
         started = time.perf_counter()

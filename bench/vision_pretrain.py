@@ -26,13 +26,15 @@ COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 
 
-def image_labels(samples: int) -> dict[str, dict]:
-    """image ref -> {"spec": ImageSpec, "color": index or None, "shape": index or None} from the first
-    `samples` easy-VQA train questions (colour questions name the colour, shape questions the shape)."""
+def image_labels(stop: int, start: int = 0) -> dict[str, dict]:
+    """image ref -> {"spec": ImageSpec, "color": index or None, "shape": index or None} from easy-VQA train
+    questions start..stop-1 (colour questions name the colour, shape questions the shape)."""
     from pipeline.vlm.data import read_samples
 
     labels: dict[str, dict] = {}
-    for _, s in zip(range(samples), read_samples("easy-vqa:train")):
+    for i, s in zip(range(stop), read_samples("easy-vqa:train")):
+        if i < start:
+            continue
         spec = s.images[0]
         entry = labels.setdefault(spec.ref, {"spec": spec, "color": None, "shape": None})
         if s.meta["question_type"] == "color":
@@ -57,8 +59,22 @@ def _masked_ce(logits: torch.Tensor, targets: list) -> torch.Tensor:
     return F.cross_entropy(logits[keep], torch.tensor([targets[i] for i in keep]))
 
 
+@torch.no_grad()
+def probe_accuracy(model, processor, heads, labels: list[dict]) -> dict[str, float]:
+    """Accuracy of the probe heads on `labels` (a diagnostic: the SFT never sees the heads)."""
+    pooled = _pooled_image_tokens(model, processor, [e["spec"].load() for e in labels])
+    result = {}
+    for k in ("color", "shape"):
+        keep = [i for i, e in enumerate(labels) if e[k] is not None]
+        guess = heads[k](pooled[keep]).argmax(1)
+        result[k] = float((guess == torch.tensor([labels[i][k] for i in keep])).float().mean())
+    return result
+
+
 def pretrain_vision(init: str | Path, out: str | Path, samples: int, steps: int, lr: float = 1e-3, seed: int = 0,
-                    batch_size: int = 32, log=print) -> Path:
+                    batch_size: int = 32, log=print, held_out: tuple[int, int] | None = (30000, 30500)) -> Path:
+    """Fit the vision tower + merger of the model in `init`; write the whole model to `out`; return `out`.
+    `held_out`: train questions whose images score the probe at the end (log only)."""
     """Fit the vision tower + merger of the model in `init`; write the whole model to `out`; return `out`."""
     from pipeline.vlm.models import load_vlm
 
@@ -86,6 +102,10 @@ def pretrain_vision(init: str | Path, out: str | Path, samples: int, steps: int,
         optimizer.step()
         if step % 100 == 0 or step == steps:
             log(f"vision pretraining step {step}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+    if held_out:
+        model.eval()
+        scores = probe_accuracy(model, vlm.processor, heads, list(image_labels(held_out[1], held_out[0]).values()))
+        log(f"vision probe on the held-out questions' images: colour {scores['color']:.3f}, shape {scores['shape']:.3f}")
     out = Path(out)
     shutil.copytree(init, out, dirs_exist_ok=True)  # tokenizer and processor files
     model.eval().save_pretrained(out)
