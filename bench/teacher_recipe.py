@@ -1,14 +1,16 @@
 """Training recipes for the demo teacher, scored on HELD-OUT easy-VQA train questions (never on easy-vqa:test).
 
     .venv/bin/python bench/teacher_recipe.py --list
-    OMP_NUM_THREADS=2 .venv/bin/python bench/teacher_recipe.py best --out /work/scratch/teacher
+    OMP_NUM_THREADS=1 .venv/bin/python bench/teacher_recipe.py best best-more --out /work/scratch/teacher
 
 A recipe builds a tiny VLM with random weights (pipeline.vlm.tiny.build_tiny_vlm), fits it with plain SFT
 (student.train.train_stage, stage 3, vision encoder trained) on the first `samples` easy-VQA train questions,
 and scores it with pipeline.vlm.evaluate.evaluate on train questions 30000..30499 (their images are not among
 the ones the first 30,000 questions use). Results: bench/results/teacher_recipe.md.
 
-Two things the product's `student train --data` cannot do yet are done here, from outside:
+Three things the product's `student train --data` cannot do yet are done here, from outside:
+- `vision_pretrain_steps`: the vision tower + merger are first fitted alone to the training images'
+  colour and shape (bench/vision_pretrain.py); without it the SFT only learns the answer priors.
 - `order="shuffle"`: the data source's batches are drawn in plain shuffled order. The product groups
   batches by the length of question + ANSWER (student/batches.py SourceStudentData.lengths); with
   one-word answers that groups equal answers together (see the results file).
