@@ -82,6 +82,7 @@ RECIPES = {
                     samples=20000, steps=400, order="shuffle", vision_pretrain_steps=1000, vision_pretrain_lr=2e-3),
 }
 RECIPES["best-more"] = replace(RECIPES["best"], start_from="best", lr=5e-4, lr_end=5e-5, seed=1)
+RECIPES["best-more2"] = replace(RECIPES["best"], start_from="best-more", lr=5e-4, lr_end=5e-5, seed=2)
 
 
 def build(recipe: Recipe, folder: Path) -> Path:
