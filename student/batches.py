@@ -119,7 +119,10 @@ class SourceStudentData(torch.utils.data.Dataset):
                 self.samples.append(sample)
         if not self.samples:
             raise DataError(f"data source {source} has no usable sample")
-        self.lengths = [len(json.dumps(s.messages)) + len(s.answer) for s in self.samples]  # only for grouping
+        # grouping by prompt length only: with one-word answers, a length that counts the answer would put
+        # equal answers in one batch (measured on easy-VQA: two shape questions in a batch shared their answer
+        # 65% of the time, against 35% shuffled)
+        self.lengths = [len(json.dumps(s.messages)) for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
