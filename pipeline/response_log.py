@@ -100,7 +100,8 @@ def generate_with_vllm(cfg, samples: list[DataSample], log: ResponseLog, progres
     import torch
 
     from pipeline.vlm.generation import VLLMGenerator
-    from pipeline.vlm.models import load_processor, resolve_model
+    from pipeline.vlm.models import resolve_model
+    from pipeline.vlm.processors import load_processor
 
     start = time.perf_counter()
     path = resolve_model(cfg.model)

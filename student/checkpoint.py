@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.vlm.models import save_processor
+from pipeline.vlm.processors import save_processor
 from student import distributed
 from student.config import TrainConfig
 

@@ -17,11 +17,10 @@ from pipeline.vlm.models import (
     end_of_turn_ids,
     head_logits,
     lm_head_and_scaling,
-    load_processor,
     load_vlm,
     resolve_model,
-    save_processor,
 )
+from pipeline.vlm.processors import load_processor, save_processor
 from pipeline.vlm.tiny import build_tiny_vlm, real_tokenizer
 from tests.tiny_fixtures import TINY_FAMILIES, tiny_image, tiny_inputs, tiny_vlm, tiny_vlm_dir  # noqa: F401
 

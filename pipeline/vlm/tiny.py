@@ -235,7 +235,7 @@ def _text_config(tok, text_type: str, overrides: dict) -> dict:
 def _build(family: str, tok, overrides: dict):
     """(model, processor) for a family with random weights."""
     import transformers as T
-    from pipeline.vlm.models import _video_optional
+    from pipeline.vlm.processors import video_optional
 
     vision = overrides.pop("vision_config", {})
     image_size = overrides.pop("image_size", None)
@@ -258,7 +258,7 @@ def _build(family: str, tok, overrides: dict):
         image_processor = T.Qwen2VLImageProcessorPil(
             min_pixels=(side or 2 * merge) ** 2, max_pixels=(side or 4 * merge) ** 2, patch_size=vis["patch_size"],
             merge_size=vis["spatial_merge_size"], temporal_patch_size=vis["temporal_patch_size"])
-        processor = _video_optional(T.Qwen2VLProcessor)(image_processor, tok, None, chat_template=template)
+        processor = video_optional(T.Qwen2VLProcessor)(image_processor, tok, None, chat_template=template)
     elif model_type == "internvl":
         size = image_size or 224
         vis = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -268,7 +268,7 @@ def _build(family: str, tok, overrides: dict):
                                   image_token_id=ids("<IMG_CONTEXT>"), image_seq_length=seq, downsample_ratio=0.5,
                                   tie_word_embeddings=False)
         image_processor = T.GotOcr2ImageProcessorPil(crop_to_patches=False, size={"height": size, "width": size})
-        processor = _video_optional(T.InternVLProcessor)(image_processor, tok, None, image_seq_length=seq,
+        processor = video_optional(T.InternVLProcessor)(image_processor, tok, None, image_seq_length=seq,
                                                          chat_template=template)
     elif model_type == "llava":
         size = image_size or 224
@@ -293,7 +293,7 @@ def _build(family: str, tok, overrides: dict):
                                         vision_feature_select_strategy="full")
         image_processor = T.LlavaOnevisionImageProcessorPil(size={"height": size, "width": size},
                                                             image_grid_pinpoints=grid)
-        processor = _video_optional(T.LlavaOnevisionProcessor)(
+        processor = video_optional(T.LlavaOnevisionProcessor)(
             image_processor, tok, None, num_image_tokens=(size // vis["patch_size"]) ** 2,
             vision_feature_select_strategy="full", chat_template=template)
     else:  # pragma: no cover - FAMILIES and this function move together
@@ -308,7 +308,7 @@ def build_tiny_vlm(name: str, out_dir: str | os.PathLike, tokenizer: str | None 
                    **overrides) -> Path:
     """Build the named tiny VLM with random weights (seeded) and save it as a stock HF folder in `out_dir`.
     tokenizer: "qwen2", "mistral" or "tiny-bpe" (default per family: DEFAULT_TOKENIZER)."""
-    from pipeline.vlm.models import save_processor
+    from pipeline.vlm.processors import save_processor
 
     if name not in FAMILIES:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {sorted(FAMILIES)}")
