@@ -32,6 +32,11 @@ class TopKTarget:
     def slice(self, s: slice) -> "TopKTarget":
         return TopKTarget(self.ids[s], self.logprobs[s], self.tail_logmass[s])
 
+    @staticmethod
+    def cat(parts: list["TopKTarget"], device) -> "TopKTarget":
+        """The rows of several samples' targets, in order, on `device`."""
+        return TopKTarget(*(torch.cat([getattr(p, f) for p in parts]).to(device) for f in ("ids", "logprobs", "tail_logmass")))
+
 
 def head_losses(
     head: TeacherHead,

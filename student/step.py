@@ -85,7 +85,7 @@ def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fa
         rows.extend(range(start, start + n))
         topk.append(item.teacher_topk.slice(slice(0, n)))
         start += len(item.student.answer_ids)
-    teacher = TopKTarget(*(torch.cat([getattr(t, f) for t in topk]).to(logits.device) for f in ("ids", "logprobs", "tail_logmass")))
+    teacher = TopKTarget.cat(topk, logits.device)
     terms = {"student_ce": student_ce(logits, batch)}
     with torch.autocast(logits.device.type, enabled=False):  # one gather (see student_forward), fp32 distance
         terms["uld"] = uld_distance(logits[torch.tensor(rows, device=logits.device)], teacher) / max(len(rows), 1)
@@ -144,7 +144,7 @@ def _head_terms_fp32(head: TeacherHead, outputs: list[torch.Tensor], items, cfg:
         parts = [item.teacher_topk for item in items]
         if any(p is None for p in parts):
             raise ValueError("teacher_distribution=topk needs a cache with top-k log-probs (it was written with --top-k 0)")
-        teacher = TopKTarget(*(torch.cat([getattr(p, f) for p in parts]).to(r.device) for f in ("ids", "logprobs", "tail_logmass")))
+        teacher = TopKTarget.cat(parts, r.device)
     else:
         teacher = torch.cat([item.teacher_features for item in items]).to(r.device)
     return head_losses(head, r, targets, teacher, cfg.chunk_tokens, cfg.temperature)
