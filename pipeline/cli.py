@@ -3,6 +3,7 @@
     pipeline inspect cache/          # what the cache holds, bytes per token per array
     pipeline inspect cache/ --rejects  # the rejected samples: id, stage, reason
     pipeline verify cache/           # checksums and schema; exit 1 naming bad shards
+    pipeline pretrain-vision --model init/ --data easy-vqa:train --limit 20000 --out vpre/  # before a teacher's SFT
     pipeline dump-teacher --model qwen2-vl-72b --data llava.json --image-root /data --out cache/
     torchrun --nproc_per_node 8 -m pipeline.cli dump-teacher ...   # one worker per GPU
 """
@@ -79,6 +80,26 @@ def build_tiny_command(name: str, out: str, seed: int) -> None:
     from pipeline.demo.run import build_named
 
     folder = _or_fail(build_named, name, out, seed)
+    click.echo(f"wrote {folder}")
+
+
+@main.command("pretrain-vision")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="A stock HF VLM folder.")
+@click.option("--data", required=True, help="Data source whose samples carry meta question types (easy-vqa:train).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the pretrained model.")
+@click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--skip", type=int, default=0, show_default=True, help="Records to skip first.")
+@click.option("--limit", type=int, default=None, help="Records to read after --skip (default: all).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def pretrain_vision_command(model, data, out, image_root, skip, limit, steps, lr, batch_size, seed) -> None:
+    """Fit a VLM's vision encoder + projector to per-image answer labels before SFT (models built from config)."""
+    from pipeline.vlm.vision_pretrain import pretrain_vision
+
+    folder = _or_fail(pretrain_vision, model, out, data, limit=limit, skip=skip, steps=steps, lr=lr,
+                      batch_size=batch_size, seed=seed, image_root=image_root, log=click.echo)
     click.echo(f"wrote {folder}")
 
 
