@@ -1,21 +1,22 @@
-"""Distillation quality on easy-VQA: GenRecal, its ablations and an SFT baseline, several seeds, two
-data regimes, one teacher cache. Writes bench/results/quality.md (table + command) and a figure.
+"""Does the student learn from the teacher? Distillation quality on easy-VQA, shaped like the paper.
 
-    python bench/quality.py --demo runs/demo --work runs/quality            # the full table (~35 min, 2 cores)
-    python bench/quality.py --demo runs/demo --work runs/q --seeds 0 --steps 4 4 4 --test 32  # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py --work /work/scratch/quality --jobs 2   # the full run
+    .venv/bin/python bench/quality.py --work /tmp/quality-smoke --smoke                          # a few minutes
 
-It reuses the demo's trained teacher, its cache of teacher-written answers to easy-VQA train questions
-(runs/demo/cache; or, with --pool N, a new cache of N questions dumped from runs/demo/teacher/stage3)
-and its untrained student (runs/demo/models/student-init), then for every seed and regime trains from
-the same student init:
-- sft:              stage 3 alone on the cache's answers, for stage-2 + stage-3 steps (same update count)
-- genrecal:         stages 1, 2, 3 with the defaults (exact teacher distribution, regularizer on)
-- genrecal-noreg:   no regularizer (Alg. 2 off)
-- genrecal-klonly:  the Recalibrator's CE terms weighted 0 (KL only); the student's own CE stays
-- genrecal-topk:    top-k + tail bucket teacher distributions instead of exact ones
-Regimes: `full` (the whole pool) and `low` (10% of it). Nothing is tuned here: settings are fixed
-up front; any choice made while building the demo was checked on held-out train questions
-(`student eval --skip`), never on test. Every finished run is reused when the script is rerun.
+Splits of easy-VQA (records whose image also appears in an earlier split are dropped, so no image is shared):
+- teacher:      train records 0..19999, labelled (bench/teacher_recipe.py, the TEACHER_CHAIN recipes);
+- base student: train records 20000..21999, labelled: vision pretraining on their images
+                (`pipeline pretrain-vision`), then SFT; afterwards its vision encoder stays frozen;
+- pool:         train records 22000..29999, answered by the teacher (`--responses generate`), labels unused;
+- held-out:     train records 30000..30499 (the curves; every setting here was fixed on these or up front);
+- test:         easy-vqa:test, first --test questions: the final table only.
+
+Every variant starts from the same base student and makes the same number of student updates
+(GenRecal: stage 2 + stage 3 steps, after a stage 1 that trains the Recalibrator only):
+sft, genrecal, genrecal-old-layout, genrecal-noreg, genrecal-klonly, genrecal-topk, uld (student train --method uld).
+Regimes: the full pool and a low-data one (--low-fraction of it, one fixed subset). The first seed's runs
+record held-out curves. Every finished piece is reused on a rerun (the teacher, the base, the cache, each run).
+Results: bench/results/quality.md, quality.json, quality.png (bench/quality_report.py writes them).
 """
 
 from __future__ import annotations
@@ -23,35 +24,138 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.store.reader import CacheReader  # noqa: E402
 from student.config import LossConfig  # noqa: E402
 
-VARIANTS = {
-    "sft": None,
-    "genrecal": LossConfig(),
-    "genrecal-noreg": LossConfig(regularizer=False),
-    "genrecal-klonly": LossConfig(ce_weight=0.0),
-    "genrecal-topk": LossConfig(teacher_distribution="topk"),
+TEACHER_CHAIN = ("best", "best-more", "best-more2", "best-more3")
+VARIANTS: dict[str, tuple[str, LossConfig | None]] = {  # name -> (method, GenRecal loss settings)
+    "sft": ("sft", None),
+    "genrecal": ("genrecal", LossConfig()),
+    "genrecal-old-layout": ("genrecal", LossConfig(layout="teacher-last-prompt")),
+    "genrecal-noreg": ("genrecal", LossConfig(regularizer=False)),
+    "genrecal-klonly": ("genrecal", LossConfig(ce_weight=0.0)),
+    "genrecal-topk": ("genrecal", LossConfig(teacher_distribution="topk")),
+    "uld": ("uld", None),
 }
-REGIMES = {"full": 1.0, "low": 0.1}
 
 
-def dump_pool(demo: Path, work: Path, pool: int) -> Path:
+@dataclass(frozen=True)
+class Settings:
+    """Everything the run depends on; written to WORK/settings.json and into quality.json."""
+
+    teacher_chain: tuple[str, ...] = TEACHER_CHAIN
+    slice: tuple[int, int] = (20000, 22000)
+    pool: tuple[int, int] = (22000, 30000)
+    held_out: tuple[int, int] = (30000, 30500)
+    base_vision_steps: int = 600
+    base_sft_steps: int = 300
+    stage_steps: tuple[int, int, int] = (100, 200, 100)
+    """GenRecal stage 1 (Recalibrator only), 2, 3; every other variant makes stage 2 + 3 student updates."""
+    batch_size: int = 16
+    lr: float = 5e-4
+    lr_end: float = 5e-5
+    low_fraction: float = 0.1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    curve_every: int = 50
+    curve_questions: int = 300
+    test: int = 1000
+    reliance_every: int = 25
+
+
+SMOKE = Settings(teacher_chain=("smoke",), slice=(20000, 20200), pool=(22000, 22120), base_vision_steps=4,
+                 base_sft_steps=4, stage_steps=(3, 4, 2), seeds=(0, 1), curve_every=3, curve_questions=16, test=24,
+                 low_fraction=0.25, reliance_every=2)
+
+
+def _refs(stop: int) -> list[str]:
+    from pipeline.vlm.data import read_samples
+
+    return [s.images[0].ref for _, s in zip(range(stop), read_samples("easy-vqa:train"))]
+
+
+def write_questions(start: int, stop: int, exclude: tuple[tuple[int, int], ...], path: Path) -> tuple[str, str]:
+    """Records start..stop-1 of easy-VQA train as a TRL jsonl file, without those whose image also appears in an
+    `exclude` range; returns (data source, image root)."""
+    from pipeline.vlm.data import image_root_for, read_samples
+    from pipeline.vlm.images import parse_image_ref
+
+    refs = _refs(max([stop] + [b for _, b in exclude]))
+    taken = {refs[i] for a, b in exclude for i in range(a, b)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, s in enumerate(read_samples("easy-vqa:train")):
+            if i >= stop:
+                break
+            if i < start or s.images[0].ref in taken:
+                continue
+            f.write(json.dumps({"id": s.sample_id, "messages": s.messages + [
+                {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}],
+                "images": [parse_image_ref(spec.ref)[1] for spec in s.images]}) + "\n")
+    tmp.replace(path)
+    return str(path), image_root_for("easy-vqa:train")
+
+
+def teacher(work: Path, s: Settings) -> Path:
+    """The teacher folder: bench/teacher_recipe.py's chain, trained once into WORK/teacher."""
+    import teacher_recipe
+
+    out = work / "teacher"
+    done = {json.loads(line)["recipe"] for line in (out / "results.jsonl").read_text().splitlines()} \
+        if (out / "results.jsonl").exists() else set()
+    for name in s.teacher_chain:
+        if name not in done:
+            print(f"teacher: {name}", flush=True)
+            teacher_recipe.run_recipe(name, teacher_recipe.RECIPES[name], out)
+    return out / s.teacher_chain[-1] / "stage3"
+
+
+def base_student(work: Path, s: Settings) -> Path:
+    """The demo student (tiny LLaVA, Mistral tokenizer), vision-pretrained and SFT-trained on the labelled slice."""
+    from pipeline.demo.run import build_named
+    from pipeline.vlm.vision_pretrain import pretrain_vision
+    from student.checkpoint import FINISHED_FILE
+    from student.config import TrainConfig
+    from student.train import train_stage
+
+    base = work / "base"
+    if (base / "stage3" / FINISHED_FILE).exists():
+        return base / "stage3"
+    started = time.perf_counter()
+    init = build_named("demo-student", base / "init", 0)
+    vpre = pretrain_vision(init, base / "vision-pretrained", "easy-vqa:train", skip=s.slice[0],
+                           limit=s.slice[1] - s.slice[0], steps=s.base_vision_steps, lr=2e-3, seed=0)
+    data, root = write_questions(*s.slice, ((0, s.slice[0]),), base / "slice.jsonl")
+    train_stage(TrainConfig(cache=None, data=data, image_root=root, student=str(vpre), out=str(base), stage=3,
+                            steps=s.base_sft_steps, batch_size=32, lr=1e-3, lr_end=1e-4, num_workers=0,
+                            train_vision_encoder=True, seed=0), progress=False)
+    (base / "train_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    return base / "stage3"
+
+
+def pool_cache(work: Path, s: Settings, teacher_folder: Path) -> Path:
+    """The teacher's answers to the pool questions, dumped once (the dump resumes by itself)."""
     from pipeline.dump import dump_teacher
     from pipeline.dump_config import DumpConfig
     from pipeline.vlm.generation import GenerationSettings
 
-    cache = work / "cache"
-    dump_teacher(DumpConfig(model=str(demo / "teacher" / "stage3"), data="easy-vqa:train", out=str(cache), limit=pool,
-                            responses="generate", top_k=16, question_features_fraction=0.25,
-                            generation=GenerationSettings(max_new_tokens=8)), progress=True)
+    cache, marker = work / "cache", work / "cache.done.json"
+    if marker.exists():
+        return cache
+    data, root = write_questions(*s.pool, ((0, s.pool[0]), s.held_out), work / "pool.jsonl")
+    started = time.perf_counter()
+    stats = dump_teacher(DumpConfig(model=str(teacher_folder), data=data, image_root=root, out=str(cache),
+                                    responses="generate", top_k=16, question_features_fraction=0.25,
+                                    generation=GenerationSettings(max_new_tokens=8)), progress=True)
+    marker.write_text(json.dumps({"seconds": time.perf_counter() - started, "stats": str(stats)}))
     return cache
 
 
@@ -65,132 +169,103 @@ def regime_ids(cache: Path, fraction: float) -> tuple[str, ...] | None:
     return tuple(sorted(ids[: max(1, int(len(ids) * fraction))]))
 
 
-def train_variant(variant: str, cache: Path, student: Path, out: Path, seed: int, steps: list[int], ids) -> float:
-    """Train one variant from the student init; returns the wall time of its training stages."""
-    from student.train import train_stage
+def held_out_accuracy(model: Path, s: Settings, out: Path, limit: int | None = None) -> dict:
+    from pipeline.vlm.evaluate import evaluate
+
+    if out.exists():
+        return json.loads(out.read_text())
+    return evaluate(str(model), "easy-vqa:train", skip=s.held_out[0], limit=limit or s.held_out[1] - s.held_out[0],
+                    batch_size=32, max_new_tokens=6, out=str(out), progress=False)
+
+
+def test_accuracy(model: Path, s: Settings, out: Path) -> dict:
+    from pipeline.vlm.evaluate import evaluate
+
+    if out.exists():
+        return json.loads(out.read_text())
+    return evaluate(str(model), "easy-vqa:test", limit=s.test, batch_size=32, max_new_tokens=6, out=str(out),
+                    progress=False)
+
+
+def variant_stages(variant: str, s: Settings) -> list[tuple[int, int, dict]]:
+    """(stage, steps, TrainConfig fields) of a variant; every one makes stage 2 + 3 student updates."""
+    method, loss = VARIANTS[variant]
+    updates = s.stage_steps[1] + s.stage_steps[2]
+    if method == "sft":
+        return [(3, updates, {"from_student": True})]
+    if method == "uld":
+        return [(2, updates, {"from_student": True, "method": "uld"})]
+    return [(stage, n, {"loss": loss}) for stage, n in zip((1, 2, 3), s.stage_steps)]
+
+
+def run_variant(work: str, s: Settings, cache: str, base: str, regime: str, seed: int, variant: str,
+                ids: tuple[str, ...] | None) -> dict:
+    """Train one variant from the base student (curves for the first seed), score it on test; returns its row."""
+    import torch
     from student.checkpoint import FINISHED_FILE
     from student.config import TrainConfig
+    from student.train import train_stage
 
-    common = dict(cache=str(cache), student=str(student), out=str(out), seed=seed, batch_size=16, lr=1e-3, lr_end=1e-4,
-                  num_workers=1, sample_ids=ids, train_vision_encoder=True, attention_every=25)
-    if VARIANTS[variant] is None:
-        stages = [(3, steps[1] + steps[2], dict(from_student=True))]
-    else:
-        stages = [(k, n, dict(loss=VARIANTS[variant])) for k, n in zip((1, 2, 3), steps)]
-    seconds = 0.0
-    for stage, n, extra in stages:
-        if (out / f"stage{stage}" / FINISHED_FILE).exists():
-            continue
-        t0 = time.perf_counter()
-        train_stage(TrainConfig(stage=stage, steps=n, **common, **extra), progress=False)
-        seconds += time.perf_counter() - t0
-    timing = out / "train_seconds.json"
-    if seconds:
-        timing.write_text(json.dumps({"seconds": seconds}))
-    return json.loads(timing.read_text())["seconds"]
-
-
-def test_accuracy(model: Path, test: int) -> dict:
-    from pipeline.vlm.evaluate import default_output, evaluate
-
-    path = default_output(str(model), "easy-vqa:test", test)
-    if path.exists():
-        return json.loads(path.read_text())
-    return evaluate(str(model), "easy-vqa:test", limit=test, batch_size=32, progress=False)
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["regime"], row["variant"]), []).append(row)
-    table = []
-    for (regime, variant), runs in groups.items():
-        accs = [100 * r["accuracy"] for r in runs]
-        table.append({"regime": regime, "variant": variant, "seeds": len(runs), "mean": statistics.mean(accs),
-                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "runs": accs,
-                      "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
-                      **{k: statistics.mean(100 * (r["per_type"].get(k, {}).get("accuracy") or 0) for r in runs)
-                         for k in ("shape", "color", "yes/no")}})
-    return table
+    torch.set_num_threads(1)
+    run = Path(work) / "runs" / regime / variant / f"seed{seed}"
+    row_file = run / "row.json"
+    if row_file.exists():
+        return json.loads(row_file.read_text())
+    curves = seed == s.seeds[0]
+    common = dict(cache=cache, student=base, out=str(run), seed=seed, batch_size=s.batch_size, lr=s.lr,
+                  lr_end=s.lr_end, num_workers=0, sample_ids=ids, attention_every=s.reliance_every)
+    seconds, updates_before = 0.0, 0
+    for stage, steps, extra in variant_stages(variant, s):
+        cfg = TrainConfig(stage=stage, steps=steps, **common, **extra)
+        folder = run / f"stage{stage}"
+        while not (folder / FINISHED_FILE).exists():
+            resume = (folder / "trainer_state").exists()
+            chunk = s.curve_every if curves and stage != 1 else None
+            t0 = time.perf_counter()
+            metrics = train_stage(cfg, resume=resume, progress=False, stop_after=chunk)
+            seconds += time.perf_counter() - t0
+            if chunk and metrics:
+                step = updates_before + metrics[-1]["step"]
+                held_out_accuracy(folder, s, run / "curve" / f"{step:06d}.json", s.curve_questions)
+        if stage != 1:
+            updates_before += steps
+    final = run / f"stage{variant_stages(variant, s)[-1][0]}"
+    result = test_accuracy(final, s, run / "test.json")
+    row = {"regime": regime, "variant": variant, "seed": seed, "accuracy": result["accuracy"],
+           "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1)}
+    row_file.write_text(json.dumps(row))
+    print(f"{regime:4s} {variant:20s} seed {seed}: test {100 * row['accuracy']:.1f}% ({seconds:.0f} s)", flush=True)
+    return row
 
 
-def markdown(table: list[dict], teacher: dict, student_before: dict, args, command: str) -> str:
-    lines = [f"easy-VQA test, first {args.test} questions; mean ± std over seeds {args.seeds}; GenRecal stage steps "
-             f"{args.steps} (batch 16), SFT {args.steps[1] + args.steps[2]} steps; pool {args.pool} teacher-answered "
-             "train questions (low = 10% of it).", "",
-             f"Teacher (tiny Qwen2-VL, real Qwen2 tokenizer): {100 * teacher['accuracy']:.1f}%; student before "
-             f"training: {100 * student_before['accuracy']:.1f}%.", "",
-             "| regime | variant | seeds | accuracy (%) | shape | color | yes/no | train wall time (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in table:
-        lines.append(f"| {r['regime']} | {r['variant']} | {r['seeds']} | {r['mean']:.1f} ± {r['std']:.1f} | "
-                     f"{r['shape']:.1f} | {r['color']:.1f} | {r['yes/no']:.1f} | {r['train_seconds']:.0f} |")
-    lines += ["", "Command:", "", f"    {command}", ""]
-    return "\n".join(lines)
-
-
-def figure(path: Path, table: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(VARIANTS)
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    width = 0.38
-    for i, regime in enumerate(REGIMES):
-        rows = {r["variant"]: r for r in table if r["regime"] == regime}
-        xs = [j + (i - 0.5) * width for j in range(len(variants))]
-        ax.bar(xs, [rows[v]["mean"] if v in rows else 0 for v in variants], width,
-               yerr=[rows[v]["std"] if v in rows else 0 for v in variants], capsize=3, label=regime)
-    ax.set_xticks(range(len(variants)), variants, rotation=15)
-    ax.set_ylabel("easy-VQA test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(title="regime")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="A finished `pipeline demo` folder.")
-    parser.add_argument("--work", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, nargs=3, default=[100, 150, 100])
-    parser.add_argument("--pool", type=int, default=None,
-                        help="Dump a new cache of this many teacher-answered train questions (default: reuse the "
-                             "demo's cache, RUN/cache).")
-    parser.add_argument("--test", type=int, default=1000, help="easy-VQA test questions per evaluation.")
+    parser.add_argument("--work", type=Path, default=Path("runs/quality"), help="Scratch folder (reused on rerun).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny settings: checks the bench end to end.")
+    parser.add_argument("--jobs", type=int, default=1, help="Variant runs in parallel (one thread each).")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
-    command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    cache = dump_pool(args.demo, args.work, args.pool) if args.pool else args.demo / "cache"
-    args.pool = len(CacheReader(cache).sample_ids)
-    student = args.demo / "models" / "student-init"
-    rows = []
-    for regime, fraction in REGIMES.items():
-        ids = regime_ids(cache, fraction)
-        for seed in args.seeds:
-            for variant in args.variants:
-                out = args.work / regime / variant / f"seed{seed}"
-                seconds = train_variant(variant, cache, student, out, seed, args.steps, ids)
-                result = test_accuracy(out / "stage3", args.test)
-                rows.append({**result, "regime": regime, "variant": variant, "seed": seed, "train_seconds": seconds})
-                print(f"{regime:4s} {variant:16s} seed {seed}: {100 * result['accuracy']:.1f}% ({seconds:.0f} s)",
-                      flush=True)
-    table = summarize(rows)
-    teacher = test_accuracy(args.demo / "teacher" / "stage3", args.test)
-    before = test_accuracy(student, args.test)
-    text = markdown(table, teacher, before, args, command)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.work / "quality.json").write_text(json.dumps({"rows": rows, "table": table}, indent=2, default=str))
-    (args.results / "quality_table.md").write_text(text)
-    figure(args.results / "quality.png", table)
-    print(text)
+    args = parser.parse_args(argv)
+    s = SMOKE if args.smoke else Settings()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(asdict(s), indent=2))
+    started = time.perf_counter()
+    teacher_folder = teacher(work, s)
+    base = base_student(work, s)
+    cache = pool_cache(work, s, teacher_folder)
+    jobs = [(regime, seed, variant) for regime in ("full", "low") for seed in s.seeds for variant in args.variants]
+    ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_variant, str(work), s, str(cache), str(base), regime, seed, variant, ids[regime])
+                   for regime, seed, variant in jobs]
+        rows = [f.result() for f in futures]
+    import quality_report
+
+    quality_report.write(work, s, rows, teacher_folder, base, args.results, time.perf_counter() - started,
+                         "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -69,6 +69,7 @@ BPE = replace(DEMO, model=DEMO_TEACHER | {"tokenizer": "tiny-bpe"}, samples=6000
 RECIPES = {
     "demo": DEMO,
     "timing": replace(DEMO, samples=640, steps=10),
+    "smoke": replace(DEMO, samples=640, steps=60, order="shuffle"),  # bench/quality.py --smoke: answers, not blanks
     "bpe-length": BPE,
     "bpe-shuffle": replace(BPE, order="shuffle"),
     "bpe-balanced": replace(BPE, order="shuffle", mix="balanced"),

@@ -78,11 +78,14 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
     reader = None
     if cfg.cache is not None:
         reader = CacheReader(cfg.cache)  # a folder without a readable manifest fails here
+        if len(reader) == 0:
+            raise ValueError(f"{cfg.cache}: the cache holds no committed samples (every one rejected, or the dump "
+                             f"has not committed a shard yet); see `pipeline inspect {cfg.cache} --rejects`")
         if cfg.stage != 3 and cfg.method == "genrecal":  # SFT and ULD do not use the teacher head
             check_teacher_head(cfg.cache, reader.manifest)
     else:
         read_samples(cfg.data, cfg.image_root)  # a missing or unreadable data source fails here
-    identity = source_identity(cfg, reader.manifest if reader else None)
+    identity = source_identity(cfg, reader.manifest if reader is not None else None)
     state = load_resume_state(out, cfg, identity) if resume else None
     model = str(out) if state else student_source(cfg)  # the previous stage must be finished
     return Inputs(out, reader, identity, state, model)

@@ -1,0 +1,202 @@
+"""Tables, JSON and figure of bench/quality.py (called by it; rerun alone with the same --work to redraw):
+
+    .venv/bin/python bench/quality_report.py --work /work/scratch/quality
+
+Writes RESULTS/quality.md, RESULTS/quality.json and RESULTS/quality.png. Accuracies in the JSON are fractions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+TYPES = ("shape", "color", "yes/no")
+
+
+def _scores(result: dict) -> dict:
+    return {"accuracy": result["accuracy"], "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}}
+
+
+def reference_models(work: Path, s, teacher_folder: Path, base: Path) -> dict:
+    from quality import held_out_accuracy, test_accuracy
+
+    out = {}
+    for name, folder in (("teacher", teacher_folder), ("base_student", base)):
+        held = held_out_accuracy(folder, s, work / "reference" / name / "held_out.json")
+        test = test_accuracy(folder, s, work / "reference" / name / "test.json")
+        out[name] = {**_scores(test), "held_out": _scores(held)}
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["regime"], row["variant"]), []).append(row)
+    table = []
+    for (regime, variant), runs in groups.items():
+        def stats(values):
+            values = [100 * v for v in values]
+            return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        table.append({"regime": regime, "variant": variant, "seeds": [r["seed"] for r in runs],
+                      "accuracy": stats([r["accuracy"] for r in runs]),
+                      "per_type": {t: stats([r["per_type"].get(t, 0.0) for r in runs]) for t in TYPES},
+                      "train_seconds": statistics.mean(r["train_seconds"] for r in runs)})
+    return table
+
+
+def curves(work: Path, seed: int) -> dict:
+    """regime -> variant -> [(student updates, held-out accuracy)] of the first seed's runs."""
+    out: dict = {}
+    for folder in sorted((work / "runs").glob(f"*/*/seed{seed}/curve")):
+        regime, variant = folder.parts[-4], folder.parts[-3]
+        points = [(int(p.stem), json.loads(p.read_text())["accuracy"]) for p in sorted(folder.glob("*.json"))]
+        out.setdefault(regime, {})[variant] = points
+    return out
+
+
+def reliance(work: Path, seed: int) -> dict:
+    """regime -> variant -> stage -> [(step, question_reliance, question_reliance_first)] (GenRecal variants)."""
+    out: dict = {}
+    for metrics in sorted((work / "runs").glob(f"*/genrecal*/seed{seed}/stage[12]/metrics.jsonl")):
+        regime, variant, stage = metrics.parts[-5], metrics.parts[-4], metrics.parts[-2]
+        points = []
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "question_reliance" in record:
+                points.append((record["step"], record["question_reliance"], record["question_reliance_first"]))
+        out.setdefault(regime, {}).setdefault(variant, {})[stage] = points
+    return out
+
+
+def _pct(pair) -> str:
+    return f"{pair[0]:.1f} ± {pair[1]:.1f}"
+
+
+def _tail_mean(points, index: int, n: int = 4) -> float:
+    values = [p[index] for p in points[-n:]]
+    return statistics.mean(values) if values else float("nan")
+
+
+def markdown(doc: dict, command: str) -> str:
+    s, refs = doc["settings"], doc["references"]
+    seeds = ", ".join(map(str, s["seeds"]))
+    lines = ["# Distillation quality (easy-VQA; test split in the final table only)", "",
+             f"Command: `{command}` (one run; {doc['seconds'] / 60:.0f} min wall on this 2-core machine).", "",
+             f"Seeds {seeds}. Every variant starts from the same base student and makes {sum(s['stage_steps'][1:])} "
+             f"student updates at batch {s['batch_size']}, lr {s['lr']} -> {s['lr_end']} (GenRecal: stage 1 "
+             f"{s['stage_steps'][0]} Recalibrator steps, stage 2 {s['stage_steps'][1]}, stage 3 "
+             f"{s['stage_steps'][2]}). Pool: train records {s['pool'][0]}..{s['pool'][1] - 1} answered by the "
+             f"teacher ({doc['pool_size']} kept); low regime: {doc['low_size']} of them. Test: first {s['test']} "
+             "easy-vqa:test questions.", "",
+             "| model | held-out | test | shape | colour | yes/no |", "|---|---|---|---|---|---|"]
+    for name in ("teacher", "base_student"):
+        r = refs[name]
+        lines.append(f"| {name.replace('_', ' ')} | {100 * r['held_out']['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
+                     + " | ".join(f"{100 * r['per_type'].get(t, 0):.1f}" for t in TYPES) + " |")
+    lines += ["", "Test accuracy (%), mean ± std over seeds:", "",
+              "| regime | variant | accuracy | shape | colour | yes/no | train s |", "|---|---|---|---|---|---|---|"]
+    for r in doc["summary"]:
+        lines.append(f"| {r['regime']} | {r['variant']} | {_pct(r['accuracy'])} | "
+                     + " | ".join(_pct(r["per_type"][t]) for t in TYPES) + f" | {r['train_seconds']:.0f} |")
+    lines += ["", f"Held-out accuracy (%) over student updates, seed {s['seeds'][0]} ({s['curve_questions']} "
+              "held-out questions per point):", ""]
+    for regime, variants in doc["curves"].items():
+        steps = sorted({p[0] for points in variants.values() for p in points})
+        lines += [f"{regime}:", "", "| variant | " + " | ".join(map(str, steps)) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for variant, points in variants.items():
+            by_step = dict(points)
+            lines.append(f"| {variant} | " + " | ".join(f"{100 * by_step[k]:.1f}" if k in by_step else ""
+                                                        for k in steps) + " |")
+        lines.append("")
+    lines += [f"Question reliance (main-path CE with student questions shuffled minus true; mean of the last "
+              f"4 logged values; seed {s['seeds'][0]}):", "",
+              "| regime | variant | stage 1 | stage 1 first slot | stage 2 | stage 2 first slot |",
+              "|---|---|---|---|---|---|"]
+    for regime, variants in doc["reliance"].items():
+        for variant, stages in variants.items():
+            cells = [f"{_tail_mean(stages.get(st, []), i):.3f}" for st in ("stage1", "stage2") for i in (1, 2)]
+            lines.append(f"| {regime} | {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, regime in zip(axes[:2], ("full", "low")):
+        for variant, points in doc["curves"].get(regime, {}).items():
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=variant)
+        ax.set_title(f"held-out accuracy, {regime} pool")
+        ax.set_xlabel("student updates")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[2]
+    for variant, stages in doc["reliance"].get("full", {}).items():
+        if variant not in ("genrecal", "genrecal-old-layout"):
+            continue
+        offset = 0
+        xs, ys = [], []
+        for stage in ("stage1", "stage2"):
+            points = stages.get(stage, [])
+            xs += [offset + p[0] for p in points]
+            ys += [p[1] for p in points]
+            offset += doc["settings"]["stage_steps"][0] if stage == "stage1" else 0
+        ax.plot(xs, ys, marker=".", label=variant)
+    ax.axvline(doc["settings"]["stage_steps"][0], color="gray", lw=0.8)
+    ax.set_title("question reliance (stage 1 | stage 2), full pool")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(work: Path, s, rows: list[dict], teacher_folder: Path, base: Path, results: Path, seconds: float,
+          command: str) -> dict:
+    from pipeline.store.reader import CacheReader
+    from quality import regime_ids
+
+    cache = work / "cache"
+    low = regime_ids(cache, s.low_fraction)
+    refs = reference_models(work, s, teacher_folder, base)
+    doc = {"teacher": {k: refs["teacher"][k] for k in ("accuracy", "per_type")},
+           "base_student": {k: refs["base_student"][k] for k in ("accuracy", "per_type")},
+           "rows": rows, "references": refs, "summary": summarize(rows), "curves": curves(work, s.seeds[0]),
+           "reliance": reliance(work, s.seeds[0]), "settings": asdict(s), "seconds": seconds,
+           "pool_size": len(CacheReader(cache).sample_ids), "low_size": len(low) if low else None}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "quality.json").write_text(json.dumps(doc, indent=1))
+    (results / "quality.md").write_text(markdown(doc, command))
+    figure(doc, results / "quality.png")
+    print((results / "quality.md").read_text())
+    return doc
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import quality
+
+    settings = json.loads((args.work / "settings.json").read_text())
+    s = quality.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    rows = [json.loads(p.read_text()) for p in sorted((args.work / "runs").glob("*/*/seed*/row.json"))]
+    write(args.work, s, rows, args.work / "teacher" / s.teacher_chain[-1] / "stage3", args.work / "base" / "stage3",
+          args.results, float("nan"), "python bench/quality.py --work " + str(args.work))
+
+
+if __name__ == "__main__":
+    main()
