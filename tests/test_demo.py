@@ -16,10 +16,11 @@ def test_quick_demo_runs_end_to_end_and_a_rerun_reuses_every_step(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.cli", "demo", "--quick", "--out", str(run)]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
-    for model in ("teacher", "student-before", "student-genrecal", "student-sft"):
+    for model in ("teacher", "base-student", "student-sft", "student-genrecal", "student-uld"):
         assert f"| {model} |" in first.stdout
     results = json.loads((run / "results.json").read_text())
-    assert [row["model"] for row in results["rows"]] == ["teacher", "student-before", "student-genrecal", "student-sft"]
+    assert [row["model"] for row in results["rows"]] == ["teacher", "base-student", "student-sft", "student-genrecal",
+                                                         "student-uld"]
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["samples"] == 32 for row in results["rows"])
     with Image.open(run / "demo.png") as figure:
         assert figure.format == "PNG" and figure.width > 1000

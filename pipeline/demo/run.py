@@ -5,11 +5,12 @@
     pipeline demo --out runs/x         # another folder; a rerun reuses every finished step
 
 No pretrained VLM can be downloaded here, so the demo trains its own teacher: a tiny Qwen2-VL (real
-Qwen2 tokenizer, 152k vocabulary) fitted from scratch on easy-VQA train. It then dumps the teacher
-with teacher-written answers, distils a tiny LLaVA/Llama student (real Mistral tokenizer, 32k
-vocabulary, half the hidden size) with GenRecal stages 1-3, trains an SFT baseline on the same
-answers for as many student updates as stages 2 + 3, evaluates teacher, student before, student after
-and the baseline on easy-VQA test, prints one table and writes RUN/demo.png and RUN/results.json.
+Qwen2 tokenizer, 152k vocabulary), its vision encoder pretrained on image labels (`pipeline
+pretrain-vision`), then fitted with SFT on easy-VQA train. It then dumps the teacher with teacher-written
+answers, distils a tiny LLaVA/Llama student (real Mistral tokenizer, 32k vocabulary, half the hidden
+size) with GenRecal stages 1-3, trains SFT and ULD baselines on the same cache for as many student
+updates as stages 2 + 3, evaluates teacher, base student (the init all three start from), and the three
+students on easy-VQA test, prints one table and writes RUN/demo.png and RUN/results.json.
 
 Every step is one `pipeline` / `student` command, printed before it runs; its success is recorded in
 RUN/steps/<step>.json with the command, so a rerun skips finished steps (and refuses a folder that
@@ -44,12 +45,15 @@ class DemoSettings:
 
     teacher_samples: int = 20000
     """easy-VQA train questions the teacher is fitted on."""
+    teacher_vision_steps: int = 400
+    """Vision pretraining steps of the teacher before its SFT (`pipeline pretrain-vision`, batch 32): without
+    them the teacher answers from question priors (bench/results/teacher_recipe.md)."""
     teacher_steps: int = 400
     """Teacher SFT steps (batch 32)."""
     cache_samples: int = 2000
     """easy-VQA train questions dumped with teacher-written answers (distillation data)."""
     stage_steps: tuple[int, int, int] = (100, 150, 100)
-    """GenRecal stage 1, 2, 3 steps (batch 16); the SFT baseline gets stage 2 + stage 3 steps."""
+    """GenRecal stage 1, 2, 3 steps (batch 16); the SFT and ULD baselines get stage 2 + stage 3 steps."""
     test_samples: int = 1000
     """easy-VQA test questions per evaluation."""
     dump_flags: tuple[str, ...] = ()
@@ -59,7 +63,7 @@ class DemoSettings:
 FULL = DemoSettings()
 # a 12-step teacher mostly writes empty answers: in the quick run, answers that disagree with the data
 # set's are replaced by the reference, so that the cache is not empty
-QUICK = DemoSettings(teacher_samples=256, teacher_steps=12, cache_samples=48, stage_steps=(4, 4, 4), test_samples=32,
+QUICK = DemoSettings(teacher_samples=256, teacher_vision_steps=4, teacher_steps=12, cache_samples=48, stage_steps=(4, 4, 4), test_samples=32,
                      dump_flags=("--keep-if-correct", "--on-incorrect", "reference"))
 
 
@@ -73,8 +77,11 @@ def plan(run: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
     steps = [
         ("build-teacher", ["pipeline", "build-tiny", "demo-teacher", "--out", str(models / "teacher-init")]),
         ("build-student", ["pipeline", "build-tiny", "demo-student", "--out", str(models / "student-init")]),
+        ("pretrain-teacher-vision", ["pipeline", "pretrain-vision", "--model", str(models / "teacher-init"),
+                                     "--data", "easy-vqa:train", "--limit", str(s.teacher_samples), "--steps",
+                                     str(s.teacher_vision_steps), "--out", str(models / "teacher-vision")]),
         ("train-teacher", ["student", "train", "--stage", "3", "--data", "easy-vqa:train", "--data-limit",
-                           str(s.teacher_samples), "--student", str(models / "teacher-init"), "--out", str(teacher),
+                           str(s.teacher_samples), "--student", str(models / "teacher-vision"), "--out", str(teacher),
                            "--steps", str(s.teacher_steps), "--batch-size", "32", "--lr", "1e-3", "--lr-end", "1e-4",
                            "--num-workers", "1", "--train-vision-encoder"]),
         ("dump-teacher", ["pipeline", "dump-teacher", "--model", str(teacher / "stage3"), "--data", "easy-vqa:train",
@@ -88,6 +95,11 @@ def plan(run: Path, s: DemoSettings) -> list[tuple[str, list[str]]]:
                                                  "--steps", str(n), "--lr", "1e-3", "--lr-end", "1e-4", *common]))
     steps.append(("sft-baseline", ["student", "train", "--stage", "3", "--from-student", "--cache", str(cache),
                                    "--student", str(models / "student-init"), "--out", str(run / "sft"),
+                                   "--steps", str(s.stage_steps[1] + s.stage_steps[2]), "--lr", "1e-3",
+                                   "--lr-end", "1e-4", *common]))
+    # ULD (the cross-tokenizer baseline without a Recalibrator): a stage-2 run from the same student init
+    steps.append(("uld-baseline", ["student", "train", "--stage", "2", "--method", "uld", "--cache", str(cache),
+                                   "--student", str(models / "student-init"), "--out", str(run / "uld"),
                                    "--steps", str(s.stage_steps[1] + s.stage_steps[2]), "--lr", "1e-3",
                                    "--lr-end", "1e-4", *common]))
     for name, folder in evaluated(run).items():
@@ -109,8 +121,11 @@ def build_named(name: str, out: str | Path, seed: int = 0) -> Path:
 
 
 def evaluated(run: Path) -> dict[str, Path]:
-    return {"teacher": run / "teacher" / "stage3", "student-before": run / "models" / "student-init",
-            "student-genrecal": run / "genrecal" / "stage3", "student-sft": run / "sft" / "stage3"}
+    """The table's rows. The base student is the init every student run starts from (random weights: the demo
+    has no pretrained student; bench/quality.py starts from a trained one)."""
+    return {"teacher": run / "teacher" / "stage3", "base-student": run / "models" / "student-init",
+            "student-sft": run / "sft" / "stage3", "student-genrecal": run / "genrecal" / "stage3",
+            "student-uld": run / "uld" / "stage2"}
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, echo=print) -> list[dict]:
@@ -125,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, echo=print) -> 
     rows = collect_results({name: _eval_file(folder, settings) for name, folder in evaluated(run).items()})
     curves = read_curves({"teacher SFT (from scratch)": run / "teacher" / "stage3",
                           **{f"GenRecal stage {k}": run / "genrecal" / f"stage{k}" for k in (1, 2, 3)},
-                          "SFT baseline": run / "sft" / "stage3"})
+                          "SFT baseline": run / "sft" / "stage3", "ULD baseline": run / "uld" / "stage2"})
     figure = write_figure(run / "demo.png", curves, rows)
     table = format_table(rows, f"easy-VQA test, first {settings.test_samples} questions")
     write_atomic(run / "results.json", json.dumps({"settings": asdict(settings), "rows": rows}, indent=2).encode())
