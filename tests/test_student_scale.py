@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import collections
+import contextlib
+
 import pytest
 import torch
 
@@ -29,7 +32,30 @@ def _stage2(tmp_path, stage1, pair_cache, pair_student, name, **kw):
 
     run = tmp_path / name
     shutil.copytree(stage1 / "stage1", run / "stage1")
-    return run, train_stage(config(pair_cache, pair_student, run, 2, steps=2, num_workers=0, **kw), progress=False)
+    return run, train_stage(config(pair_cache, pair_student, run, 2, **{"steps": 2, "num_workers": 0, **kw}),
+                            progress=False)
+
+
+@contextlib.contextmanager
+def module_calls(outputs: bool = False):
+    """Every module call while inside: [(module class name, id, output dtype or None)]. Calls are counted
+    when they start (a recomputation in the backward pass may stop before a module returns); with
+    `outputs`, when they return, with the dtype of their output."""
+    calls = []
+
+    def started(module, args):
+        calls.append((type(module).__name__, id(module), None))
+
+    def returned(module, args, output):
+        calls.append((type(module).__name__, id(module), output.dtype if isinstance(output, torch.Tensor) else None))
+
+    module_hooks = torch.nn.modules.module
+    handle = (module_hooks.register_module_forward_hook(returned) if outputs
+              else module_hooks.register_module_forward_pre_hook(started))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def test_gradient_checkpointing_trains_exactly_like_without(tmp_path, stage1, pair_cache, pair_student):
@@ -40,12 +66,32 @@ def test_gradient_checkpointing_trains_exactly_like_without(tmp_path, stage1, pa
             assert a[term] == pytest.approx(b[term], rel=1e-5), term
 
 
+def test_gradient_checkpointing_recomputes_every_decoder_layer_in_the_backward_pass(tmp_path, stage1, pair_cache,
+                                                                                      pair_student):
+    """Equal losses cannot show that checkpointing is on: count the calls instead. A checkpointed layer's
+    insides (its MLP) run once in the forward and once more when the backward pass recomputes them."""
+    runs = {}
+    for name, on in (("plain", False), ("ckpt", True)):
+        with module_calls() as calls:  # attention_every=0: no gradient-free diagnostic forward in the count
+            _stage2(tmp_path, stage1, pair_cache, pair_student, name, steps=1, gradient_checkpointing=on,
+                    attention_every=0)
+        runs[name] = sorted(collections.Counter(i for cls, i, _ in calls if cls == "LlamaMLP").values())
+    layers = pair_student.model.config.get_text_config().num_hidden_layers + 2  # student body + Recalibrator blocks
+    assert len(runs["plain"]) == layers and set(runs["plain"]) == {1}  # one micro-batch, one forward each
+    assert runs["ckpt"] == [2] * layers
+
+
 def test_bf16_autocast_stays_close_to_fp32_and_logs_the_question_reliance(tmp_path, stage1, pair_cache, pair_student):
     _, fp32 = _stage2(tmp_path, stage1, pair_cache, pair_student, "fp32", attention_every=1)
-    _, bf16 = _stage2(tmp_path, stage1, pair_cache, pair_student, "bf16", precision="bf16", attention_every=1)
+    with module_calls(outputs=True) as calls:
+        _, bf16 = _stage2(tmp_path, stage1, pair_cache, pair_student, "bf16", precision="bf16", attention_every=1)
+    # the matmuls of the student and the Recalibrator ran in bf16 (the head losses switch autocast off)
+    linear = collections.Counter(dtype for cls, _, dtype in calls if cls == "Linear")
+    assert linear[torch.bfloat16] > 0, linear
     # the first step sees the same weights: only bf16 rounding in the student and Recalibrator forward separates them
     for term in TERMS_2:
         assert bf16[0][term] == pytest.approx(fp32[0][term], rel=0.05), term
+    assert any(bf16[0][term] != fp32[0][term] for term in TERMS_2)  # ... and it does separate them
     for record in fp32 + bf16:
         assert torch.isfinite(torch.tensor([record["question_reliance"], record["question_reliance_first"]])).all()
 
