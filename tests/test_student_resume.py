@@ -85,3 +85,25 @@ def test_a_training_run_opens_the_cache_once(tmp_path, pair_cache, pair_student,
     assert len(opened) == 1
     train_stage(cfg, resume=True, progress=False)  # the resume check reads the identity of the same reader
     assert len(opened) == 2
+
+
+def test_an_fsdp_run_resumes_only_with_fsdp_and_a_plain_one_only_without(tmp_path, pair_cache, pair_student):
+    import dataclasses
+
+    import torch
+
+    from student.checkpoint import STATE_DIR, load_resume_state, source_identity
+
+    cfg = config(pair_cache, pair_student, tmp_path / "run", 1, steps=3)
+    train_stage(cfg, progress=False, stop_after=1)  # a plain run's checkpoint after step 1
+    stage = tmp_path / "run" / "stage1"
+    identity = source_identity(cfg, CacheReader(pair_cache).manifest)
+    assert load_resume_state(stage, cfg, identity)["step"] == 1
+    with pytest.raises(ValueError, match="was trained without --fsdp; resume it the same way"):
+        load_resume_state(stage, dataclasses.replace(cfg, fsdp=True), identity)
+    path = stage / STATE_DIR / "state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "fsdp": True}, path)  # the same checkpoint as an --fsdp run writes it
+    assert load_resume_state(stage, dataclasses.replace(cfg, fsdp=True), identity)["step"] == 1
+    with pytest.raises(ValueError, match="was trained with --fsdp; resume it the same way"):
+        train_stage(cfg, resume=True, progress=False)
