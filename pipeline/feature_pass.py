@@ -21,7 +21,7 @@ from schemas import FeatureEncoding
 from pipeline.vlm.data import DataSample
 from pipeline.store.encoding import check_lossy_bound, decode_features, encode_features
 from pipeline.store.teacher_head import TeacherHead
-from pipeline.vlm.models import body_forward
+from pipeline.vlm.parts import body_forward
 from pipeline.vlm.prompting import EncodedSample, collate
 from pipeline.store.writer import TeacherSample
 

@@ -15,16 +15,22 @@ teacher's width (the teacher head expects post-norm features).
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.vlm.parts import vlm_parts
+
 STUDENT, TEACHER = "student", "teacher"
+logger = logging.getLogger(__name__)
 
 
 class Recalibrator(nn.Module):
-    def __init__(self, layers: nn.ModuleList, rotary: nn.Module, d_student: int, d_teacher: int, eps: float, mrope: bool):
+    def __init__(self, layers: nn.ModuleList, rotary: nn.Module, d_student: int, d_teacher: int, eps: float, mrope: bool,
+                 layer_types: list[str] | None = None, sliding_window: int | None = None,
+                 rotary_per_type: bool = False, chunk_size: int | None = None, block_kind: str = ""):
         super().__init__()
         self.proj_pre = nn.Linear(d_teacher, d_student, bias=False)
         self.layers = layers
@@ -32,19 +38,47 @@ class Recalibrator(nn.Module):
         self.proj_post = nn.Linear(d_student, d_teacher, bias=False)
         self.norm = nn.RMSNorm(d_teacher, eps=eps)
         self.mrope = mrope
+        self.layer_types = list(layer_types or ["full_attention"] * len(layers))
+        self.sliding_window = sliding_window
+        self.chunk_size = chunk_size
+        self.rotary_per_type = rotary_per_type  # Gemma 3: one rotary table per layer type
+        self.block_kind = block_kind  # what from_student built, for logs and `student check`
         self.flash = False
         self.gradient_checkpointing = False  # recompute each block in the backward pass (saves activations)
 
     @classmethod
     def from_student(cls, student, teacher_hidden: int, depth: int = 2, init: str = "copy", seed: int = 0) -> "Recalibrator":
-        """Blocks of the student's decoder-layer class and config: copies of its last `depth` layers, or random."""
-        lm = language_model(student)
-        config = lm.config
-        if depth < 1 or depth > len(lm.layers):
-            raise ValueError(f"Recalibrator depth {depth} must be in [1, {len(lm.layers)}] (the student's layer count)")
-        layers = nn.ModuleList(copy.deepcopy(layer) for layer in lm.layers[-depth:])
-        rec = cls(layers, copy.deepcopy(lm.rotary_emb), config.hidden_size, teacher_hidden,
-                  getattr(config, "rms_norm_eps", 1e-6), _uses_mrope(config))
+        """Blocks of the student's decoder-layer class and config: copies of its last `depth` attention layers
+        (a stack that mixes in conv or state-space blocks skips those), or, when it has fewer than `depth`
+        attention layers or no rotary embedding, plain Llama decoder blocks of the student's width; `init`
+        random re-draws the copied weights."""
+        parts = vlm_parts(student)
+        config = parts.text_config
+        n_layers = len(parts.layers)
+        if depth < 1 or depth > n_layers:
+            raise ValueError(f"Recalibrator depth {depth} must be in [1, {n_layers}] (the student's layer count)")
+        attention = parts.attention_layer_indices
+        if len(attention) >= depth and parts.rotary is not None:
+            picked = attention[-depth:]
+            layers = nn.ModuleList(copy.deepcopy(parts.layers[i]) for i in picked)
+            types = [parts.layer_types[i] for i in picked]
+            rotary = copy.deepcopy(parts.rotary)
+            skipped = n_layers - len(attention)
+            kind = (f"copies of the student's last {depth} attention layers ({parts.layer_class.__name__}: "
+                    f"{', '.join(types)})" + (f"; {skipped} non-attention blocks skipped" if skipped else ""))
+            per_type, mrope = parts.rotary_takes_layer_type, _uses_mrope(config)
+        else:
+            layers, rotary = plain_blocks(config, depth)
+            types, per_type, mrope = ["full_attention"] * depth, False, False
+            why = "no rotary embedding" if parts.rotary is None else f"only {len(attention)} attention layers"
+            kind = (f"plain LlamaDecoderLayer blocks of width {config.hidden_size} (the student's stack has {why}, "
+                    f"depth {depth} asked)")
+            if init == "copy":
+                init = "random"  # nothing of the student's to copy
+        logger.info("Recalibrator for %s: %s", parts.family, kind)
+        rec = cls(layers, rotary, config.hidden_size, teacher_hidden, getattr(config, "rms_norm_eps", 1e-6),
+                  mrope, types, getattr(config, "sliding_window", None), per_type,
+                  getattr(config, "attention_chunk_size", None), kind)
         rec.flash = str(getattr(config, "_attn_implementation", "")).startswith("flash")
         generator = torch.Generator().manual_seed(seed)
         std = getattr(config, "initializer_range", 0.02)
@@ -75,10 +109,15 @@ class Recalibrator(nn.Module):
         batch, length = hidden.shape[:2]
         positions = torch.arange(length, device=hidden.device).expand(batch, length)
         rope_positions = positions[None].expand(3, batch, length) if self.mrope else positions
-        cos_sin = self.rotary(hidden, rope_positions)
-        mask = None if self.flash else _causal_mask(length, hidden.dtype, hidden.device)
-        for layer in self.layers:
-            kwargs = dict(attention_mask=mask, position_ids=rope_positions, position_embeddings=cos_sin)
+        kinds = sorted(set(self.layer_types))
+        if self.rotary_per_type:
+            cos_sin = {kind: self.rotary(hidden, rope_positions, kind) for kind in kinds}
+        else:
+            shared = self.rotary(hidden, rope_positions)
+            cos_sin = {kind: shared for kind in kinds}
+        masks = {kind: None if self.flash else self._mask(kind, length, hidden.dtype, hidden.device) for kind in kinds}
+        for layer, kind in zip(self.layers, self.layer_types):
+            kwargs = dict(attention_mask=masks[kind], position_ids=rope_positions, position_embeddings=cos_sin[kind])
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(layer, hidden, use_reentrant=False, **kwargs)
             else:
@@ -87,23 +126,45 @@ class Recalibrator(nn.Module):
         return hidden, lengths
 
 
+    def _mask(self, kind: str, length: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Additive mask [1, 1, L, L]: causal; sliding layers also drop keys a window or more behind,
+        chunked layers keys in an earlier chunk (as the student's own stack masks them)."""
+        i = torch.arange(length, device=device)
+        allowed = i[None, :] <= i[:, None]
+        if kind == "sliding_attention" and self.sliding_window:
+            allowed &= i[:, None] - i[None, :] < self.sliding_window
+        elif kind == "chunked_attention" and self.chunk_size:
+            allowed &= (i[:, None] // self.chunk_size) == (i[None, :] // self.chunk_size)
+        mask = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+
 def language_model(student) -> nn.Module:
-    """The decoder stack (with .layers, .norm, .rotary_emb) inside a transformers VLM."""
-    inner = getattr(student, "model", student)
-    lm = getattr(inner, "language_model", inner)
-    if not hasattr(lm, "layers") or not hasattr(lm, "rotary_emb"):
-        raise ValueError(f"cannot find the decoder layers of {type(student).__name__}")
-    return lm
+    """The student's text decoder stack (pipeline/vlm/parts.py finds it)."""
+    return vlm_parts(student).decoder
+
+
+def plain_blocks(config, depth: int) -> tuple[nn.ModuleList, nn.Module]:
+    """`depth` Llama decoder blocks and their rotary embedding at the student's width and head layout, for
+    stacks the Recalibrator cannot copy from."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    d = config.hidden_size
+    heads = getattr(config, "num_attention_heads", None) or max(d // 64, 1)
+    plain = LlamaConfig(hidden_size=d, num_attention_heads=heads,
+                        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+                        head_dim=getattr(config, "head_dim", None) or d // heads,
+                        intermediate_size=getattr(config, "intermediate_size", None) or 4 * d,
+                        rms_norm_eps=getattr(config, "rms_norm_eps", 1e-6), num_hidden_layers=depth,
+                        max_position_embeddings=getattr(config, "max_position_embeddings", 4096))
+    plain._attn_implementation = "sdpa"
+    return nn.ModuleList(LlamaDecoderLayer(plain, i) for i in range(depth)), LlamaRotaryEmbedding(plain)
 
 
 def _uses_mrope(config) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     return "mrope_section" in rope
-
-
-def _causal_mask(length: int, dtype: torch.dtype, device) -> torch.Tensor:
-    mask = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
-    return mask[None, None]
 
 
 def _reinit(layers: nn.Module, std: float, generator: torch.Generator) -> None:

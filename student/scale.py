@@ -16,7 +16,8 @@ import contextlib
 
 import torch
 
-from student.recalibrator import Recalibrator, language_model
+from pipeline.vlm.parts import vlm_parts
+from student.recalibrator import Recalibrator
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -49,7 +50,7 @@ def shard_student(student) -> None:
     """FSDP2: one group per decoder layer, one for the rest (embeddings, vision tower, projector, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in language_model(student).layers:
+    for layer in vlm_parts(student).layers:
         fully_shard(layer)
     fully_shard(student)
 

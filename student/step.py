@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.store.teacher_head import TeacherHead
 from pipeline.vlm.models import head_logits
+from pipeline.vlm.parts import model_inputs
 from student.batches import StudentBatch
 from student.config import LossConfig
 from student.diagnostics import question_reliance
@@ -106,7 +107,8 @@ def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bo
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     first = int(cols.min())
     keep = torch.arange(first, int(cols.max()) + 1, device=device) if with_logits and sharded else 1
-    out = student(**batch.inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
+    inputs = model_inputs(student, batch.inputs)  # processors' extra keys (labels, ...) stay out
+    out = student(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
     hidden = out.hidden_states[-1]
     if not with_logits:
         return hidden, None

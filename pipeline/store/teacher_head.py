@@ -15,7 +15,7 @@ import torch
 
 from schemas import HEAD_BIAS, HEAD_FILE, HEAD_FORMAT, HEAD_WEIGHT, CacheFormatError, CacheManifest
 from pipeline.store.fsutil import fsync_dir
-from pipeline.vlm.models import scale_and_cap
+from pipeline.vlm.parts import scale_and_cap
 
 
 @dataclass

@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import torch
 from transformers.utils import logging as hf_logging
 
+from pipeline.vlm.parts import body_forward, logit_transforms, scale_and_cap, vlm_parts  # noqa: F401 - re-exported
+from pipeline.vlm.parts import end_of_turn_ids as model_end_of_turn
 from pipeline.vlm.processors import ModelLoadError, load_processor
 
 # InternVL 2.5: only the MPO checkpoints were published in transformers-native ("-hf") form, e.g.
@@ -66,8 +68,9 @@ class LoadedVLM:
 
     @functools.cached_property
     def end_of_turn(self) -> list[int]:
-        """What the chat template writes after an assistant answer, in order (see `end_of_turn_ids`)."""
-        return end_of_turn_ids(self.tokenizer, self.chat_template)
+        """What the chat template writes after an assistant answer, in order (see `end_of_turn_ids`); for a
+        template that writes nothing after it, the generation config's eos ids (see parts.end_of_turn_ids)."""
+        return model_end_of_turn(self.model, self.tokenizer, template_end_of_turn(self.tokenizer, self.chat_template))
 
     @property
     def pad_id(self) -> int:
@@ -214,6 +217,7 @@ def load_vlm(
     if device_map is None:
         model.to(device)
     model.eval()
+    vlm_parts(model)  # a family whose decoder or head cannot be found fails here, before any work
     processor = load_processor(path, trust_remote_code=trust_remote_code, revision=revision,
                                local_files_only=local_only)
     tokenizer = tokenizer_of(processor)
@@ -229,51 +233,14 @@ def load_vlm(
 
 def lm_head_and_scaling(model) -> tuple[torch.nn.Module, float, float | None]:
     """(lm_head, logit_scale, softcap): logits = softcap(lm_head(h) * logit_scale), with
-    softcap(x) = tanh(x / c) * c when c is not None. Reads `logit_scale` (Cohere: multiply),
-    `logits_scaling` (Granite: divide) and `final_logit_softcapping` (Gemma 2) from the text config."""
-    head = model.get_output_embeddings()
-    configs = [model.config.get_text_config(), model.config]
-
-    def first(attr):
-        for cfg in configs:
-            value = getattr(cfg, attr, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        return None
-
-    scale = 1.0
-    if (value := first("logit_scale")) is not None:
-        scale *= value
-    if (value := first("logits_scaling")) is not None and value != 0:
-        scale /= value
-    return head, scale, first("final_logit_softcapping")
+    softcap(x) = tanh(x / c) * c when c is not None (pipeline/vlm/parts.py finds them)."""
+    return model.get_output_embeddings(), *logit_transforms(model)
 
 
 def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states, with the family's scale and soft-cap (== model(...).logits)."""
     head, scale, softcap = lm_head_and_scaling(model)
     return scale_and_cap(head(hidden), scale, softcap)
-
-
-def scale_and_cap(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
-    """The family's logit scaling, then its tanh soft-cap (the order the families apply them in)."""
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def body_forward(model, **inputs) -> torch.Tensor:
-    """Run the VLM without its lm_head; return the final hidden states [batch, seq, d] (after the final norm)."""
-    for key in ("labels", "logits_to_keep", "output_hidden_states", "return_dict"):
-        inputs.pop(key, None)
-    inputs.setdefault("use_cache", False)
-    inner = getattr(model, "model", None)
-    if inner is not None and inner is not model:
-        out = inner(**inputs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,6 +250,12 @@ def body_forward(model, **inputs) -> torch.Tensor:
 def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> list[int]:
     """Special token ids the chat template writes right after an assistant message (e.g. [<|im_end|>] for
     ChatML, [</s>] for Mistral/Llama-2 [INST] templates); [eos_token_id] when it writes none."""
+    ids = template_end_of_turn(tokenizer, chat_template)
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def template_end_of_turn(tokenizer, chat_template: str | None = None) -> list[int]:
+    """Special token ids the chat template writes right after an assistant message; [] when it writes none."""
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     sentinel = "Zq9xSENTINELx9qZ"
     suffix = None
@@ -309,6 +282,4 @@ def end_of_turn_ids(tokenizer, chat_template: str | None = None) -> list[int]:
                 ids.append(token_id)
             elif ids or tokenizer.decode([token_id]).strip():
                 break  # stop at the first real text after the closing token(s)
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
     return ids
