@@ -39,6 +39,12 @@ def test_three_stages_end_to_end(tmp_path, pair_cache, pair_student, monkeypatch
     for stage in (1, 2, 3):
         metrics = train_stage(config(pair_cache, pair_student, tmp_path, stage), progress=False)
         assert len(metrics) == 3 and all(torch.isfinite(torch.tensor(m["total"])) for m in metrics)
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "stage3").eval()
+    reloaded = model.state_dict()  # a stock load of the stage-3 folder has every tensor the trained model had
+    for name, tensor in saved["state"].items():
+        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
     stage1, stage2, stage3 = (weights(tmp_path / f"stage{n}") for n in (1, 2, 3))
     assert all(torch.equal(stage1[k], original[k]) for k in original)  # stage 1: Recalibrator only
     assert (tmp_path / "stage1" / "recalibrator" / "model.safetensors").exists()
@@ -51,13 +57,7 @@ def test_three_stages_end_to_end(tmp_path, pair_cache, pair_student, monkeypatch
     lines = (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()
     record = json.loads(lines[-1])
     assert {"ce", "kl", "student_ce", "lr", "tokens_per_s", "loader_wait_share", "peak_memory_mb"} <= set(record)
-    # the stage-3 folder is a stock checkpoint holding what was in memory: the same tensors, the same logits; it generates
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "stage3").eval()
-    reloaded = model.state_dict()
-    for name, tensor in saved["state"].items():
-        torch.testing.assert_close(reloaded[name], tensor, rtol=0, atol=0, msg=name)
+    # the stage-3 folder is a stock checkpoint holding what was in memory: the same logits; it generates
     processor = load_vlm(tmp_path / "stage3").processor
     inputs = processor(text=["[INST] hello [/INST]"], return_tensors="pt")
     with torch.no_grad():
