@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -46,18 +47,29 @@ DUMP_OPTIONS = dict(
 @config_options(DumpConfig, **DUMP_OPTIONS)
 @config_options(GenerationSettings)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
-def dump_teacher_command(progress: bool, max_new_tokens, temperature, top_p, seed, num_workers, worker_index, **options):
-    """Run the teacher once over --data and write the cache to --out (rerun to resume)."""
-    from pipeline.dump import dump_teacher
+def dump_teacher_command(progress: bool, num_workers, worker_index, **options):
+    """Run the teacher once over --data and write the cache to --out (rerun to resume).
+
+    Exit status 1 when too many samples were rejected (see --max-reject-fraction) or the vLLM phase failed."""
+    from pipeline.dump import dump_teacher, rejection_problem
+    from pipeline.response_log import GenerationPhaseError
 
     n, i = workers_from_env(num_workers, worker_index)
-    generation = GenerationSettings(max_new_tokens, temperature, top_p, seed)
+    generation = GenerationSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(GenerationSettings)})
     try:
         cfg = DumpConfig(generation=generation, num_workers=n, worker_index=i, **options)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    stats = _or_fail(dump_teacher, cfg, progress=progress)
+    try:
+        stats = _or_fail(dump_teacher, cfg, progress=progress)
+    except GenerationPhaseError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
     click.echo(f"worker {i}/{n}: {dump_summary(stats, cfg.out)}")
+    problem = rejection_problem(cfg, stats)
+    if problem:
+        click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
 
 
 def dump_summary(stats, cache: str) -> str:
@@ -76,7 +88,8 @@ def dump_summary(stats, cache: str) -> str:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the new model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def build_tiny_command(name: str, out: str, seed: int) -> None:
-    """Build a named tiny VLM with random weights (demo-teacher, demo-student, qwen2-vl-tiny, llava-tiny, ...)."""
+    """Build a named tiny VLM with random weights: demo-teacher, demo-student or any family of the test matrix
+    (pipeline/vlm/tiny.py FAMILIES: qwen2-vl-tiny, qwen3-vl-tiny, gemma3-tiny, paligemma-tiny, llava-tiny, ...)."""
     from pipeline.demo.run import build_named
 
     folder = _or_fail(build_named, name, out, seed)

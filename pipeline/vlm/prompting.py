@@ -30,6 +30,7 @@ class EncodedSample:
     sample_id: str
     prompt_inputs: dict  # input_ids [1, P], attention_mask, pixel_values, image_grid_thw, ...
     answer_ids: list[int]  # ends with an end-of-turn id
+    answer_types: dict | None = None  # sequence key -> the value an answer token gets (default 0)
 
     @property
     def prompt_len(self) -> int:
@@ -49,16 +50,24 @@ def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
         raise TemplateError(f"chat template failed: {type(err).__name__}: {err}") from None
 
 
-def answer_token_ids(processor, messages: list[dict], answer: str, end_of_turn: set[int]) -> list[int]:
-    """Token ids of `answer` as the template closes it, ending with (and including) the end-of-turn token."""
+def answer_token_ids(processor, messages: list[dict], answer: str, end_of_turn) -> list[int]:
+    """Token ids of `answer` as the template closes it, ending with (and including) the end-of-turn token.
+
+    A template that writes nothing after an assistant answer (many base-model and PaliGemma-style
+    templates) is closed with the model's own end-of-turn id (`end_of_turn`: from the tokenizer or the
+    generation config when the template has none, see pipeline/vlm/parts.py), as generation would stop."""
     prompt = render(processor, messages, add_generation_prompt=True)
     full = render(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], False)
     if not full.startswith(prompt):
         raise TemplateError("the rendered conversation does not start with the rendered prompt")
-    ids = tokenizer_of(processor)(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    tail = full[len(prompt) :]
+    ids = tokenizer_of(processor)(tail, add_special_tokens=False)["input_ids"]
     for i, token in enumerate(ids):
         if token in end_of_turn:
             return ids[: i + 1]
+    if answer.strip() and tail.rstrip().endswith(answer.strip()) and end_of_turn:
+        closing = end_of_turn[0] if isinstance(end_of_turn, (list, tuple)) else min(end_of_turn)
+        return tokenizer_of(processor)(tail.rstrip(), add_special_tokens=False)["input_ids"] + [closing]
     raise TemplateError(f"the chat template does not close the assistant turn with an end-of-turn token {sorted(end_of_turn)}")
 
 
@@ -73,7 +82,20 @@ def encode_sample(processor, sample_id: str, messages: list[dict], images: list,
         inputs = dict(processor(**kwargs))
     except Exception as err:  # processors raise ValueError / IndexError on placeholder-count mismatches
         raise TemplateError(f"processor failed: {type(err).__name__}: {err}") from None
-    return EncodedSample(sample_id, inputs, answer_ids)
+    return EncodedSample(sample_id, inputs, answer_ids, answer_types(processor))
+
+
+def answer_types(processor) -> dict:
+    """Type ids of answer tokens where a family does not give them 0. A processor that takes a `suffix`
+    (PaliGemma) runs a prefix-LM: prompt tokens (type 0) see each other both ways, suffix tokens (type 1,
+    what generation appends too) are causal. An answer typed 0 would see the tokens after it."""
+    import inspect
+
+    try:
+        takes_suffix = "suffix" in inspect.signature(type(processor).__call__).parameters
+    except (TypeError, ValueError):
+        takes_suffix = False
+    return {"token_type_ids": 1} if takes_suffix else {}
 
 
 def collate(samples: list[EncodedSample], pad_id: int) -> dict:
@@ -94,7 +116,8 @@ def collate(samples: list[EncodedSample], pad_id: int) -> dict:
             if not _is_sequence(key, value, s.prompt_len):
                 others.setdefault(key, []).append(value)
                 continue
-            tail = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key, torch.zeros_like(answer))
+            fill = (s.answer_types or {}).get(key, 0)
+            tail = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key, torch.full_like(answer, fill))
             row = torch.cat([value[0], tail.to(value.dtype)])
             pad_value = pad_id if key == "input_ids" else 0
             rows.setdefault(key, []).append(torch.nn.functional.pad(row, (0, length - len(row)), value=pad_value))

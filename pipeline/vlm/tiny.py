@@ -42,9 +42,28 @@ FAMILIES = {
     "internvl-tiny": ("internvl", "chatml", "<IMG_CONTEXT>\n", list(INTERNVL_TOKENS.values())),
     "llava-tiny": ("llava", "inst", "<image>\n", ["<image>"]),
     "llava-onevision-tiny": ("llava_onevision", "chatml", "<image>\n", ["<image>", "<video>"]),
+    "qwen2.5-vl-tiny": ("qwen2_5_vl", "chatml", "<|vision_start|><|image_pad|><|vision_end|>", QWEN2_VL_SPECIALS[9:]),
+    "qwen3-vl-tiny": ("qwen3_vl", "chatml", "<|vision_start|><|image_pad|><|vision_end|>", QWEN2_VL_SPECIALS[9:]),
+    "gemma3-tiny": ("gemma3", "gemma", "<start_of_image>", ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
+    "paligemma-tiny": ("paligemma", "plain", "<image>", ["<image>"]),  # a template that writes nothing after answers
+    "idefics3-tiny": ("idefics3", "idefics", "<image>", ["<fake_token_around_image>", "<image>", "<global-img>"]),
+    "llava-next-tiny": ("llava_next", "inst", "<image>\n", ["<image>"]),
+    "vipllava-tiny": ("vipllava", "inst", "<image>\n", ["<image>"]),
 }
-DEFAULT_TOKENIZER = {"qwen2-vl-tiny": "qwen2", "internvl-tiny": "tiny-bpe", "llava-tiny": "mistral",
-                     "llava-onevision-tiny": "tiny-bpe"}
+DEFAULT_TOKENIZER = {"qwen2-vl-tiny": "qwen2", "internvl-tiny": "tiny-bpe", "llava-tiny": "mistral"}  # else tiny-bpe
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+# chat style -> (tokenizer roles, special tokens first in a tiny BPE, end-of-turn token)
+STYLES = {
+    "chatml": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+               "<|im_end|>"),
+    "inst": ({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
+             ["<unk>", "<s>", "</s>", "<pad>"], "</s>"),
+    "gemma": ({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+              ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    "idefics": ({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, ["<s>", "</s>", "<pad>", "<end_of_utterance>"],
+                "<end_of_utterance>"),
+    "plain": ({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, ["<pad>", "<eos>", "<bos>"], "<eos>"),
+}
 SYSTEM_PROMPT = {"qwen2_vl": "You are a helpful assistant."}
 TEXT_DEFAULTS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      intermediate_size=512, max_position_embeddings=4096)
@@ -77,8 +96,27 @@ INST_TEMPLATE = (  # Mistral / Llama-2 style: [INST] question [/INST] answer</s>
 )
 
 
+def _turns(user: str, assistant: str, generation: str) -> str:
+    """A template that writes `user` / `assistant` around each message's content (CONTENT) and
+    `generation` when asked for the generation prompt."""
+    head, tail = user.split("CONTENT")
+    a_head, a_tail = assistant.split("CONTENT")
+    quote = lambda text: repr(text).join(["{{ ", " }}"])  # noqa: E731
+    return ("{%- for message in messages -%}{%- if message['role'] == 'user' -%}" + quote(head) + _CONTENT + quote(tail)
+            + "{%- elif message['role'] == 'assistant' -%}" + quote(a_head) + _CONTENT + quote(a_tail)
+            + "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}" + quote(generation) + "{%- endif -%}")
+
+
+TEMPLATES = {
+    "gemma": _turns("<start_of_turn>user\nCONTENT<end_of_turn>\n", "<start_of_turn>model\nCONTENT<end_of_turn>\n",
+                    "<start_of_turn>model\n"),
+    "idefics": _turns("User:CONTENT<end_of_utterance>\n", "Assistant: CONTENT<end_of_utterance>\n", "Assistant:"),
+    "plain": _turns("CONTENT\n", "CONTENT", ""),  # nothing after an answer: the model's eos ends it
+}
+
+
 def chat_template(style: str, image_placeholder: str, system: str | None = None) -> str:
-    text = CHATML_TEMPLATE if style == "chatml" else INST_TEMPLATE
+    text = {"chatml": CHATML_TEMPLATE, "inst": INST_TEMPLATE}.get(style) or TEMPLATES[style]
     return text.replace("{{ IMAGE }}", image_placeholder.replace("\n", "\\n").join(["{{ '", "' }}"])).replace(
         "SYSTEM", repr(system or ""))
 
@@ -194,10 +232,7 @@ def make_tokenizer(family: str, kind: str, bpe_vocab_size: int = 512):
     model_type, style, placeholder, image_tokens = FAMILIES[family]
     style = "inst" if kind == "mistral" else ("chatml" if kind == "qwen2" else style)
     if kind == "tiny-bpe":
-        roles = ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"} if style == "chatml" else
-                 {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"})
-        base = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if style == "chatml" else
-                ["<unk>", "<s>", "</s>", "<pad>"])
+        roles, base, _ = STYLES[style]
         specials = base + image_tokens
         tok = PreTrainedTokenizerFast(tokenizer_object=tiny_bpe(specials, bpe_vocab_size), **roles,
                                       extra_special_tokens=[t for t in specials if t not in roles.values()])
@@ -212,6 +247,8 @@ def make_tokenizer(family: str, kind: str, bpe_vocab_size: int = 512):
             tok.add_special_tokens({"pad_token": "<pad>"})
     if model_type == "internvl":  # InternVLProcessor reads these attributes from the tokenizer
         tok._set_model_specific_special_tokens(special_tokens=dict(INTERNVL_TOKENS))
+    if model_type == "gemma3":  # Gemma3Processor reads boi/eoi/image tokens from the tokenizer
+        tok._set_model_specific_special_tokens(special_tokens=dict(GEMMA3_TOKENS))
     tok.chat_template = chat_template(style, placeholder, SYSTEM_PROMPT.get(model_type))
     return tok
 
@@ -224,8 +261,16 @@ def _padded(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
+def _end_of_turn(tok) -> int:
+    """The id the family's chat style closes an assistant turn with (eos for styles that write none)."""
+    for _, _, token in STYLES.values():
+        if token != tok.eos_token and token in tok.get_vocab() and token.startswith(("<|im", "<end_of")):
+            return tok.convert_tokens_to_ids(token)
+    return tok.eos_token_id
+
+
 def _text_config(tok, text_type: str, overrides: dict) -> dict:
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    eot = _end_of_turn(tok)
     cfg = dict(TEXT_DEFAULTS, model_type=text_type, vocab_size=_padded(len(tok)), bos_token_id=tok.bos_token_id,
                eos_token_id=eot, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eot)
     cfg.update(overrides)
@@ -236,6 +281,7 @@ def _build(family: str, tok, overrides: dict):
     """(model, processor) for a family with random weights."""
     import transformers as T
     from pipeline.vlm.processors import video_optional
+    from pipeline.vlm.tiny_families import BUILDERS
 
     vision = overrides.pop("vision_config", {})
     image_size = overrides.pop("image_size", None)
@@ -296,6 +342,8 @@ def _build(family: str, tok, overrides: dict):
         processor = video_optional(T.LlavaOnevisionProcessor)(
             image_processor, tok, None, num_image_tokens=(size // vis["patch_size"]) ** 2,
             vision_feature_select_strategy="full", chat_template=template)
+    elif model_type in BUILDERS:
+        config, processor = BUILDERS[model_type](T, tok, _text_config(tok, model_type, overrides), vision, image_size)
     else:  # pragma: no cover - FAMILIES and this function move together
         raise ValueError(family)
     if overrides.get("tie_word_embeddings") is not None:
@@ -312,13 +360,13 @@ def build_tiny_vlm(name: str, out_dir: str | os.PathLike, tokenizer: str | None 
 
     if name not in FAMILIES:
         raise ValueError(f"unknown tiny VLM {name!r}; choose from {sorted(FAMILIES)}")
-    kind = tokenizer or DEFAULT_TOKENIZER[name]
+    kind = tokenizer or DEFAULT_TOKENIZER.get(name, "tiny-bpe")
     if kind not in ("qwen2", "mistral", "tiny-bpe"):
         raise ValueError(f"unknown tokenizer {kind!r}; choose qwen2, mistral or tiny-bpe")
     tok = make_tokenizer(name, kind, overrides.pop("bpe_vocab_size", 512))
     torch.manual_seed(seed)
     model, processor = _build(name, tok, dict(overrides))
-    eot = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+    eot = _end_of_turn(tok)
     gen = model.generation_config
     gen.eos_token_id = sorted({eot, tok.eos_token_id} - {None})
     gen.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eot
