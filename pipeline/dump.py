@@ -10,7 +10,8 @@ writer) -> generate (only with `responses="generate"`: the teacher writes the an
 
 Work goes a window of samples at a time: a thread decodes the next window's images while the
 current one runs, and each image is decoded once for both generation and the forward pass. With
-vLLM every answer is written before the HF teacher is loaded (the engine needs the GPUs to itself).
+vLLM every answer is written before the HF teacher is loaded, by a child process that has exited (and
+so given back all its GPU memory) when the teacher loads (`pipeline.response_log.generate_with_vllm`).
 Samples are split between workers by their index in the data (`i % num_workers == worker_index`);
 every sample already committed (stored or rejected) by any worker is skipped, and logged answers
 are not generated again, so rerunning the same command resumes.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pipeline.progress import progress_bar
 from pipeline.dump_config import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
 from pipeline.feature_pass import FeaturePass, pack_batches
-from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers
+from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers, too_many_images
 from pipeline.store.layout import committed_sample_ids
 from pipeline.store.writer import CacheWriter
 from pipeline.vlm.data import BadSample, DataSample, ImageError, read_samples
@@ -48,6 +49,8 @@ class DumpStats:
     feature_seconds: float = 0.0  # the feature pass: prepare, forward, encode, commit (generation excluded)
     total_seconds: float = 0.0  # the whole run, model loading included
     reject_reasons: dict = field(default_factory=dict)  # stage -> count
+    slice_samples: int = 0  # this worker's samples, done in any run
+    slice_rejects: list = field(default_factory=list)  # (sample_id, stage, reason) of those rejected, any run
 
     @property
     def outside_forward_share(self) -> float:
@@ -68,11 +71,12 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
     stats = DumpStats()
     # -- set up
     backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
-    samples = list(_my_slice(cfg))  # an unreadable data file fails here; images stay lazy
+    samples = list(my_slice(cfg))  # an unreadable data file fails here; images stay lazy
     log = ResponseLog(cfg.out, writer_id(cfg)) if backend else None
     if backend == "vllm":  # generate: all answers now, before the HF teacher takes the GPUs
         done = committed_sample_ids(cfg.out)
-        todo = [s for s in samples if isinstance(s, DataSample) and s.sample_id not in done]
+        todo = [s for s in samples if isinstance(s, DataSample) and s.sample_id not in done
+                and too_many_images(s, cfg.max_images) is None]
         stats.generate_seconds = generate_with_vllm(cfg, todo, log, progress)
     teacher = load_teacher(cfg)  # a wrong --model fails here, before anything is written
     generator = HFGenerator(teacher.vlm, cfg.generation, cfg.generate_batch_size) if backend == "hf" else None
@@ -82,8 +86,54 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
         stats.skipped = len(samples) - len(todo)
         # -- generate (HF, per window) -> forward -> commit
         _run_windows(cfg, teacher, writer, todo, log, generator, stats, progress)
+    _count_slice(cfg, {s.sample_id for s in samples}, stats)
     stats.total_seconds = time.perf_counter() - start
     return stats
+
+
+def _count_slice(cfg: DumpConfig, ids: set[str], stats: DumpStats) -> None:
+    """This worker's samples done in any run, and its rejects with their reasons (for `rejection_problem`)."""
+    from pipeline.store.reader import CacheReader
+
+    reader = CacheReader(cfg.out)
+    rejects = [(r["sample_id"], r["stage"], r["reason"]) for r in reader.rejects_table().to_pylist() if r["sample_id"] in ids]
+    stats.slice_rejects = rejects
+    stats.slice_samples = len(ids.intersection(reader.sample_ids)) + len(rejects)
+
+
+# What to try first when most samples are rejected at a stage.
+REJECT_HINTS = {
+    "image": "check --image-root (relative image paths are resolved under it) and that the image files exist",
+    "images": "raise --max-images",
+    "length": "raise --max-length (generated answers: or lower --max-new-tokens)",
+    "template": "this chat template refuses these conversations (see the reasons); try another teacher revision",
+    "data": "check the data file's format (LLaVA JSON or TRL messages + images)",
+    "answer": "the data's answers are empty; use --responses generate",
+    "generate": "see the reasons; with --keep-if-correct --on-incorrect reject, a teacher that disagrees with the "
+                "references loses those samples: use --on-incorrect reference, or accept it with --max-reject-fraction 1",
+}
+
+
+def rejection_problem(cfg: DumpConfig, stats: DumpStats) -> str | None:
+    """The error to exit with when too many of this worker's samples were rejected, else None.
+
+    Every sample rejected always fails (a cache with nothing in it is never a success); otherwise more than
+    --max-reject-fraction of them fails. The message counts the reasons, names a few samples and says what to do."""
+    total, rejected = stats.slice_samples, len(stats.slice_rejects)
+    if not rejected or (rejected < total and rejected <= cfg.max_reject_fraction * total):
+        return None
+    by_stage: dict[str, list] = {}
+    for sample_id, stage, reason in stats.slice_rejects:
+        by_stage.setdefault(stage, []).append((sample_id, reason))
+    lines = [f"{rejected} of {total} samples of worker {cfg.worker_index} were rejected"
+             + ("" if rejected == total else f" (more than --max-reject-fraction {cfg.max_reject_fraction})") + ":"]
+    leading = sorted(by_stage.items(), key=lambda kv: -len(kv[1]))
+    for stage, rows in leading[:4]:
+        ids = ", ".join(sid for sid, _ in rows[:3]) + (", ..." if len(rows) > 3 else "")
+        lines.append(f"  {stage} {len(rows)}: {ids}; e.g. {rows[0][1][:160]}")
+    lines.append(f"What to do: {REJECT_HINTS.get(leading[0][0], 'see the reasons')}. Rejected samples are not "
+                 f"retried on a rerun: dump to a new --out after the fix. All of them: pipeline inspect {cfg.out} --rejects")
+    return "\n".join(lines)
 
 
 def _run_windows(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, log, generator, stats: DumpStats, progress):
@@ -103,7 +153,8 @@ def _run_windows(cfg: DumpConfig, teacher, writer: CacheWriter, todo: list, log,
                 pending = pool.submit(_prepare_window, cfg, teacher, windows[i + 1], log, encode_ahead)
             if generator is not None:
                 t0 = time.perf_counter()
-                log_answers(generator, teacher.processor, [(x.sample, x.images) for x in items if isinstance(x, Loaded)], log)
+                loaded = [(x.sample, x.images) for x in items if isinstance(x, Loaded)]
+                log_answers(generator, teacher.processor, loaded, log, cfg.max_length, 1 + len(teacher.end_of_turn))
                 generating += time.perf_counter() - t0
                 items = [_encode(cfg, teacher, x, log) if isinstance(x, Loaded) else x for x in items]
             _forward_and_commit(cfg, feature_pass, writer, items, stats)
@@ -140,6 +191,8 @@ def _prepare_window(cfg: DumpConfig, teacher, window: list, log, encode: bool) -
 def _load(cfg: DumpConfig, sample) -> Loaded | BadSample:
     if isinstance(sample, BadSample):
         return sample
+    if reason := too_many_images(sample, cfg.max_images):  # before decoding: these never reach a model
+        return BadSample(sample.sample_id, sample.source, "images", reason)
     try:
         images = [spec.load() for spec in sample.images]
     except ImageError as err:
@@ -158,9 +211,10 @@ def _encode(cfg: DumpConfig, teacher, item: Loaded, responses: ResponseLog | Non
 
     answer = sample.answer
     if responses is not None:
-        answer, problem = choose_answer(cfg, responses.get(sample.sample_id), sample.answer)
-        if problem:
-            return bad("generate", problem)
+        record = responses.get(sample.sample_id)
+        answer, problem = choose_answer(cfg, record, sample.answer)
+        if problem:  # logged errors name their stage (length, template, image); older logs do not
+            return bad((record or {}).get("stage", "generate"), problem)
     if not answer or not answer.strip():
         return bad("answer", "empty answer")
     try:
@@ -173,7 +227,8 @@ def _encode(cfg: DumpConfig, teacher, item: Loaded, responses: ResponseLog | Non
     return encoded, sample
 
 
-def _my_slice(cfg: DumpConfig):
+def my_slice(cfg: DumpConfig):
+    """This worker's samples (DataSample or BadSample), in data order."""
     for i, sample in enumerate(read_samples(cfg.data, image_root=cfg.image_root, split=cfg.split)):
         if cfg.limit is not None and i >= cfg.limit:
             return

@@ -28,7 +28,7 @@ from schemas import (
     TeacherInfo,
     TopKInfo,
 )
-from pipeline.vlm.generation import GenerationSettings
+from pipeline.vlm.generation import GenerationSettings, loaded_sampling
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,15 @@ class DumpConfig:
     question_features_fraction: float = 0.0
     """Fraction of samples (chosen by id) that also store features at every prompt position."""
     max_length: int = 4096
-    """Longest sample in tokens (prompt with its image tokens + answer); longer samples are rejected."""
+    """Longest sample in tokens (prompt with its image tokens + answer); longer samples are rejected (with
+    --responses generate, a prompt that leaves no room for an answer is rejected before generation; vLLM's
+    max_model_len)."""
+    max_images: int | None = None
+    """Samples with more images are rejected before generation (default: no limit; vLLM then allows the
+    most images one sample of this worker has)."""
+    max_reject_fraction: float = 0.5
+    """Exit with an error (status 1, the leading reasons listed) when more than this fraction of this worker's
+    samples are rejected, earlier runs included; 1.0: only when every sample is. The cache is kept either way."""
     max_batch_tokens: int = 8192
     """Padded tokens per forward batch."""
     window: int = 64
@@ -107,6 +115,10 @@ class DumpConfig:
     def __post_init__(self):
         if self.generate_batch_size < 1:
             raise ValueError(f"--generate-batch-size must be >= 1, got {self.generate_batch_size}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"--max-images must be >= 1, got {self.max_images}")
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
         if not 0 <= self.worker_index < self.num_workers:
             raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})")
 
@@ -180,7 +192,7 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher, backend: str | None)
         responses=ResponsesInfo(
             source=cfg.responses,
             backend=backend,
-            sampling=cfg.generation.to_dict() if cfg.responses == "generate" else {},
+            sampling=loaded_sampling(vlm, cfg.generation) if cfg.responses == "generate" else {},
             keep_if_correct=cfg.keep_if_correct,
             on_incorrect=cfg.on_incorrect if cfg.keep_if_correct else None,
         ),

@@ -1,37 +1,61 @@
 """The generation side of a dump: teacher-written answers, logged so that a rerun resumes.
 
 `responses/<writer>.jsonl` holds one record per sample: {"sample_id", "response"} or
-{"sample_id", "error"}. Answers are appended and fsynced a window at a time; a line cut short
-by a crash is ignored on reading. With `--backend hf` the dump generates each window's missing
-answers just before that window's forward pass (`log_answers`, images decoded once for both);
-with vLLM every answer is written first (`generate_with_vllm`), as the engine needs the GPUs to
-itself before the HF teacher is loaded.
+{"sample_id", "error", "stage"} (the sample is rejected at that stage). Answers are appended and
+fsynced a window at a time; a line cut short by a crash is ignored on reading. With `--backend hf`
+the dump generates each window's missing answers just before that window's forward pass
+(`log_answers`, images decoded once for both); with vLLM every answer is written first
+(`generate_with_vllm`), in a child process that has its own GPU(s) and gives all their memory back
+when it exits, before the HF teacher is loaded.
+
+Before a prompt reaches either generator it is checked (`log_answers`): a prompt that leaves no room
+for an answer within --max-length is logged as a "length" error, so one sample can never fail a
+whole vLLM `generate` call; samples over --max-images never get this far (pipeline/dump.py).
 """
 
 from __future__ import annotations
 
-import gc
+import importlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from schemas import RESPONSES_DIR
+from schemas.dataclass_io import from_dict, to_dict
 from pipeline.progress import progress_bar
 from pipeline.vlm.answers import answers_agree
 from pipeline.vlm.data import DataSample, ImageError
 from pipeline.vlm.prompting import TemplateError, render
+
+# The class the vLLM child builds its generator from ("module:attribute"); tests name a stand-in here.
+VLLM_GENERATOR = "pipeline.vlm.generation:VLLMGenerator"
+
+# torchrun's per-worker variables: the vLLM child is a plain single process of its own (vLLM reads RANK,
+# LOCAL_RANK and MASTER_PORT to set up its own process group), on the GPUs CUDA_VISIBLE_DEVICES gives it.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+class GenerationPhaseError(RuntimeError):
+    """The vLLM child process failed; its own error is above in the output."""
 
 
 class ResponseLog:
     """Reads every worker's log (so a rerun with another worker split finds old answers); appends to its own."""
 
     def __init__(self, cache_dir: str | Path, writer_id: str):
-        folder = Path(cache_dir) / RESPONSES_DIR
-        self.path = folder / f"{writer_id}.jsonl"
-        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(cache_dir) / RESPONSES_DIR
+        self.path = self.folder / f"{writer_id}.jsonl"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read every worker's log again (after the vLLM child wrote to it)."""
         self.records: dict[str, dict] = {}
-        for log in sorted(folder.glob("*.jsonl")):
+        for log in sorted(self.folder.glob("*.jsonl")):
             for line in log.read_text().splitlines():
                 try:
                     record = json.loads(line)
@@ -55,24 +79,47 @@ class ResponseLog:
             os.fsync(f.fileno())
 
 
-def log_answers(generator, processor, loaded: list[tuple[DataSample, list]], log: ResponseLog) -> None:
+def log_answers(generator, processor, loaded: list[tuple[DataSample, list]], log: ResponseLog,
+                max_length: int | None = None, answer_room: int = 2) -> None:
     """Generate and log an answer for every (sample, decoded images) pair that has none yet.
 
-    A prompt the chat template cannot render is logged as an error, so the sample is rejected
-    with that reason instead of being retried."""
+    A prompt the chat template cannot render, or one whose tokens (image tokens included) leave fewer than
+    `answer_room` positions within `max_length` (one answer token and the end-of-turn), is logged as an
+    error with its stage: the sample is rejected with that reason, and never sent to the generator."""
     records, prompts, waiting = [], [], []
     for sample, images in loaded:
         if log.get(sample.sample_id) is not None:
             continue
         try:
-            prompts.append((render(processor, sample.messages, add_generation_prompt=True), images))
+            text = render(processor, sample.messages, add_generation_prompt=True)
         except TemplateError as err:
-            records.append({"sample_id": sample.sample_id, "error": f"template: {err}"})
+            records.append({"sample_id": sample.sample_id, "error": str(err), "stage": "template"})
             continue
+        if max_length is not None:
+            n = prompt_length(processor, text, images)
+            if n + answer_room > max_length:
+                records.append({"sample_id": sample.sample_id, "stage": "length", "error": (
+                    f"prompt of {n} tokens (image tokens included) leaves no room for an answer within "
+                    f"--max-length {max_length}")})
+                continue
+        prompts.append((text, images))
         waiting.append(sample.sample_id)
     for sample_id, text in zip(waiting, generator.generate(prompts) if prompts else []):
         records.append({"sample_id": sample_id, "response": text})
     log.append(records)
+
+
+def prompt_length(processor, text: str, images: list) -> int:
+    """Tokens of a rendered prompt as the processor expands it (image placeholders become image tokens)."""
+    kwargs = {"images": images} if images else {}
+    return int(processor(text=[text], return_tensors="pt", **kwargs)["input_ids"].shape[1])
+
+
+def too_many_images(sample: DataSample, max_images: int | None) -> str | None:
+    """The reject reason of a sample with more than --max-images images, else None."""
+    if max_images is not None and len(sample.images) > max_images:
+        return f"{len(sample.images)} images > --max-images {max_images}"
+    return None
 
 
 def choose_answer(cfg, record: dict | None, reference: str | None) -> tuple[str | None, str | None]:
@@ -90,23 +137,84 @@ def choose_answer(cfg, record: dict | None, reference: str | None) -> tuple[str 
 
 
 def generate_with_vllm(cfg, samples: list[DataSample], log: ResponseLog, progress: bool) -> float:
-    """Write every missing answer with a vLLM engine, then free its GPU memory; returns the seconds spent.
+    """Write every missing answer with a vLLM engine in a child process; returns the seconds spent.
 
-    `samples` are the ones not yet committed to the cache. The engine loads only when an answer is missing.
-    """
-    todo = [s for s in samples if log.get(s.sample_id) is None]
-    if not todo:
+    `samples` are the ones not yet committed to the cache (and within --max-images). The child starts only
+    when an answer is missing; when it has exited, its GPU memory is free for the HF teacher."""
+    if all(log.get(s.sample_id) is not None for s in samples):
         return 0.0
-    import torch
+    start = time.perf_counter()
+    env = vllm_child_env(os.environ, cfg.tensor_parallel_size)
+    source_root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same package
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-c", "from pipeline.response_log import vllm_child_main; vllm_child_main()",
+               json.dumps(to_dict(cfg)), VLLM_GENERATOR, "1" if progress else "0"]
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:
+        raise GenerationPhaseError(
+            f"the vLLM generation phase failed (exit status {done.returncode}; its error is above). Answers "
+            f"written so far are kept in {log.folder} and a rerun resumes; --backend hf generates without vLLM")
+    log.reload()
+    return time.perf_counter() - start
 
-    from pipeline.vlm.generation import VLLMGenerator
-    from pipeline.vlm.models import resolve_model
+
+def vllm_child_env(environ, tensor_parallel_size: int) -> dict:
+    """The vLLM child's environment: torchrun's variables removed, and under torchrun (LOCAL_RANK set) the
+    GPUs of this worker only: local rank r gets GPUs r*tp .. r*tp+tp-1 of the visible ones.
+
+    CUDA_VISIBLE_DEVICES is the one way to place an engine that every vLLM version honours, and it must be
+    set before CUDA is initialised: a fresh child process is the place. (vLLM's "external_launcher" backend
+    instead runs one engine across all torchrun ranks, each rank feeding the same prompts; our ranks split
+    the data.)"""
+    env = {k: v for k, v in environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    if "LOCAL_RANK" not in environ:
+        return env
+    local, tp = int(environ["LOCAL_RANK"]), tensor_parallel_size
+    visible = [d.strip() for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    wanted = range(local * tp, (local + 1) * tp)
+    if visible and wanted.stop > len(visible):
+        raise GenerationPhaseError(
+            f"worker with LOCAL_RANK {local} needs GPUs {wanted.start}..{wanted.stop - 1} of CUDA_VISIBLE_DEVICES="
+            f"{environ['CUDA_VISIBLE_DEVICES']} (--tensor-parallel-size {tp} per worker): start fewer workers per "
+            "node (torchrun --nproc_per_node) or lower --tensor-parallel-size")
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in wanted)
+    return env
+
+
+def vllm_child_main(argv: list[str] | None = None) -> None:
+    """Entry of the vLLM child process: argv = DumpConfig as JSON, generator class, progress (1/0)."""
+    from pipeline.dump_config import DumpConfig
+
+    config, generator, progress = argv if argv is not None else sys.argv[1:]
+    module, _, name = generator.partition(":")
+    cfg = from_dict(DumpConfig, json.loads(config), "vllm phase arguments")
+    run_vllm_phase(cfg, getattr(importlib.import_module(module), name), progress == "1")
+
+
+def run_vllm_phase(cfg, generator_class, progress: bool) -> None:
+    """Answer every sample of this worker's slice that is neither committed nor logged (in the child)."""
+    from pipeline.dump import my_slice
+    from pipeline.dump_config import writer_id
+    from pipeline.store.layout import committed_sample_ids
+    from pipeline.vlm.generation import model_sampling
+    from pipeline.vlm.models import end_of_turn_ids, resolve_model, tokenizer_of
     from pipeline.vlm.processors import load_processor
 
-    start = time.perf_counter()
+    done, log = committed_sample_ids(cfg.out), ResponseLog(cfg.out, writer_id(cfg))
+    todo = [s for s in my_slice(cfg) if isinstance(s, DataSample) and s.sample_id not in done
+            and log.get(s.sample_id) is None and too_many_images(s, cfg.max_images) is None]
+    if not todo:
+        return
     path = resolve_model(cfg.model)
-    processor = load_processor(path, trust_remote_code=cfg.trust_remote_code)
-    generator = VLLMGenerator(path, cfg.generation, cfg.tensor_parallel_size, cfg.trust_remote_code)
+    processor = load_processor(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    tokenizer = tokenizer_of(processor)
+    template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    answer_room = 1 + len(end_of_turn_ids(tokenizer, template))
+    generator = generator_class(
+        path, cfg.generation, tensor_parallel_size=cfg.tensor_parallel_size, trust_remote_code=cfg.trust_remote_code,
+        max_images=max(1, max(len(s.images) for s in todo)), dtype=cfg.dtype, max_model_len=cfg.max_length,
+        revision=cfg.revision,
+        sampling=model_sampling(path, cfg.generation, cfg.revision, cfg.trust_remote_code, processor))
     bar = _bar(len(todo), progress)
     for first in range(0, len(todo), cfg.window):
         window = todo[first : first + cfg.window]
@@ -115,18 +223,13 @@ def generate_with_vllm(cfg, samples: list[DataSample], log: ResponseLog, progres
             try:
                 loaded.append((sample, [spec.load() for spec in sample.images]))
             except ImageError as err:
-                errors.append({"sample_id": sample.sample_id, "error": f"image: {err}"})
+                errors.append({"sample_id": sample.sample_id, "error": str(err), "stage": "image"})
         log.append(errors)
-        log_answers(generator, processor, loaded, log)
+        log_answers(generator, processor, loaded, log, cfg.max_length, answer_room)
         if bar is not None:
             bar.update(len(window))
     if bar is not None:
         bar.close()
-    del generator  # frees the engine's GPU memory before the HF teacher loads
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return time.perf_counter() - start
 
 
 def _bar(total: int, enabled: bool):

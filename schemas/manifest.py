@@ -78,7 +78,10 @@ class ResponsesInfo:
     backend: str | None = None
     """Generation backend (vllm, hf) when source is generate."""
     sampling: dict[str, Any] = field(default_factory=dict)
-    """Sampling settings used for generation (temperature, top_p, max_new_tokens, seed)."""
+    """Effective sampling settings of the generation: the teacher's generation config with the dump's options
+    on top (max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed, stop_token_ids), as
+    both backends apply them. Caches written before these were recorded hold the options alone
+    (max_new_tokens, temperature, top_p, seed)."""
     keep_if_correct: bool = False
     """Generated answers were kept only when they agreed with the reference answer."""
     on_incorrect: Literal["reference", "reject"] | None = None

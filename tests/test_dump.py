@@ -1,6 +1,9 @@
 """`pipeline dump-teacher` on tiny random-weight VLMs saved to disk and loaded by path."""
 
+import itertools
 import json
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +13,9 @@ from pipeline.dump import dump_teacher
 from pipeline.dump_config import DumpConfig
 from pipeline.vlm.models import load_vlm
 from pipeline.store.reader import CacheReader
-from pipeline.vlm.generation import GenerationSettings
+from pipeline.vlm.data import read_samples
+from pipeline.vlm.generation import GenerationSettings, VLLMGenerator
+from pipeline.vlm.prompting import render
 from pipeline.store.teacher_head import load_teacher_head
 from pipeline.store.verify import verify_cache
 
@@ -216,31 +221,137 @@ def test_dataset_responses_spend_no_generation_time(tmp_path, tiny_vlm_dir):
     assert stats.generate_seconds == 0 and stats.feature_seconds > 0 and not (tmp_path / "c" / "responses").exists()
 
 
-def test_vllm_phase_writes_every_answer_before_the_feature_pass_and_resumes(tmp_path, tiny_vlm_dir, monkeypatch):
+def _standin_record(entry: dict) -> None:
+    with open(os.environ["GENRECAL_STANDIN_LOG"], "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+class _RecordingEngine:
+    """Stands in for vllm.LLM in the dump's vLLM child: records each call in GENRECAL_STANDIN_LOG."""
+
+    def generate(self, requests, params, use_tqdm=False):
+        _standin_record({"event": "generate", "params": params, "prompts": [r["prompt"] for r in requests]})
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=" circle ")]) for _ in requests]
+
+
+class StandInVLLM(VLLMGenerator):
+    """The real VLLMGenerator (sampling, requests, engine arguments) on a recording engine: no GPU needed."""
+
+    def __init__(self, model_path, settings, **kwargs):
+        super().__init__(model_path, settings, engine=_RecordingEngine(), make_params=dict, **kwargs)
+        env = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+        _standin_record({"event": "engine", "pid": os.getpid(), "env": env, "args": self.engine_args})
+
+
+def standin_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_vllm_phase_runs_in_a_child_on_its_own_gpu_before_the_teacher_loads_and_resumes(tmp_path, tiny_vlm_dir, monkeypatch):
     import pipeline.dump
-    import pipeline.vlm.generation
+    import pipeline.response_log
 
-    engines = []
-
-    class StandInVLLM:  # answers like the vLLM backend, without a GPU
-        name = "vllm"
-
-        def __init__(self, path, settings, *args):
-            engines.append(path)
-
-        def generate(self, prompts):
-            return [f"circle {len(images)}" for _, images in prompts]
-
+    record = tmp_path / "standin.jsonl"
     monkeypatch.setattr(pipeline.dump, "resolve_backend", lambda backend: "vllm")
-    monkeypatch.setattr(pipeline.vlm.generation, "VLLMGenerator", StandInVLLM)
+    monkeypatch.setattr(pipeline.response_log, "VLLM_GENERATOR", "tests.test_dump:StandInVLLM")
+    monkeypatch.setenv("GENRECAL_STANDIN_LOG", str(record))
+    for name, value in dict(LOCAL_RANK="1", RANK="1", WORLD_SIZE="2", MASTER_PORT="29500", CUDA_VISIBLE_DEVICES="4,5,6,7").items():
+        monkeypatch.setenv(name, value)  # like torchrun's second worker on a node whose GPUs 4-7 are visible
+    load_teacher, child_alive_at_load = pipeline.dump.load_teacher, []
+
+    def checked_load(cfg):  # the engine's process must be gone (its GPU memory with it) before the teacher loads
+        child_alive_at_load.extend(_alive(e["pid"]) for e in standin_log(record) if e["event"] == "engine")
+        return load_teacher(cfg)
+
+    monkeypatch.setattr(pipeline.dump, "load_teacher", checked_load)
     model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
-    first = dump(model_dir, tmp_path / "c", limit=4, top_k=4, responses="generate")
-    assert len(engines) == 1 and first.written == 4 and first.generate_seconds > 0
+    first = dump(model_dir, tmp_path / "c", limit=4, top_k=4, responses="generate", max_length=600)
+    (engine,) = [e for e in standin_log(record) if e["event"] == "engine"]
+    assert engine["pid"] != os.getpid() and child_alive_at_load == [False]
+    assert engine["env"] == {"CUDA_VISIBLE_DEVICES": "5", "RANK": None, "LOCAL_RANK": None, "WORLD_SIZE": None,
+                             "MASTER_PORT": None}
+    args = engine["args"]
+    assert (args["dtype"], args["max_model_len"], args["limit_mm_per_prompt"]) == ("bfloat16", 600, {"image": 1})
     reader = CacheReader(tmp_path / "c")
-    assert reader.manifest.responses.backend == "vllm"
-    assert {reader.sample_meta(sid)["answer"] for sid in reader.sample_ids} == {"circle 1"}
-    again = dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate")
-    assert len(engines) == 2 and (again.written, again.skipped) == (2, 4)
+    sampling = reader.manifest.responses.sampling  # what the manifest records is what vLLM was sent
+    (call,) = [e for e in standin_log(record) if e["event"] == "generate"]
+    renamed = {("max_tokens" if k == "max_new_tokens" else k): v for k, v in sampling.items()}
+    assert call["params"] == renamed and set(sampling["stop_token_ids"]) >= set(reader.manifest.teacher.end_of_turn_token_ids)
+    assert reader.manifest.responses.backend == "vllm" and first.written == 4 and first.generate_seconds > 0
+    assert {reader.sample_meta(sid)["answer"] for sid in reader.sample_ids} == {"circle"}
+    again = dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate", max_length=600)
+    assert (again.written, again.skipped) == (2, 4)
+    assert len([e for e in standin_log(record) if e["event"] == "engine"]) == 2
     assert set(generated_log(tmp_path / "c")) == {f"easy-vqa:train:{i}" for i in range(6)}
-    dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate")
-    assert len(engines) == 2  # every answer logged and every sample committed: no engine is started
+    dump(model_dir, tmp_path / "c", limit=6, top_k=4, responses="generate", max_length=600)
+    assert len([e for e in standin_log(record) if e["event"] == "engine"]) == 2  # all done: no engine is started
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_vllm_phase_never_sends_a_prompt_over_max_length(tmp_path, tiny_vlm_dir, monkeypatch):
+    import pipeline.dump
+    import pipeline.response_log
+    from pipeline.response_log import prompt_length
+
+    record = tmp_path / "standin.jsonl"
+    monkeypatch.setattr(pipeline.dump, "resolve_backend", lambda backend: "vllm")
+    monkeypatch.setattr(pipeline.response_log, "VLLM_GENERATOR", "tests.test_dump:StandInVLLM")
+    monkeypatch.setenv("GENRECAL_STANDIN_LOG", str(record))
+    model_dir = tiny_vlm_dir("internvl-tiny", "tiny-bpe")
+    vlm = load_vlm(model_dir)
+    samples = list(itertools.islice(read_samples("easy-vqa:train"), 8))
+    lengths = {s.sample_id: prompt_length(vlm.processor, render(vlm.processor, s.messages, True), [i.load() for i in s.images])
+               for s in samples}
+    max_length = sorted(lengths.values())[4] + 1  # the longer prompts leave no room for an answer
+    too_long = {sid for sid, n in lengths.items() if n + 2 > max_length}
+    assert 0 < len(too_long) < 8
+    dump(model_dir, tmp_path / "c", limit=8, top_k=4, responses="generate", max_length=max_length, max_reject_fraction=1.0)
+    sent = [p for e in standin_log(record) if e["event"] == "generate" for p in e["prompts"]]
+    assert len(sent) == 8 - len(too_long)
+    rejects = {r["sample_id"]: r for r in CacheReader(tmp_path / "c").rejects_table().to_pylist()}
+    for sid in too_long:
+        assert rejects[sid]["stage"] == "length" and "leaves no room for an answer" in rejects[sid]["reason"], rejects[sid]
+
+
+def test_max_images_and_long_prompts_are_rejected_before_generation(tmp_path, tiny_vlm_dir, tiny_image):
+    root = tmp_path / "images"
+    root.mkdir()
+    tiny_image.save(root / "a.png")
+    def record(rid, images, question):
+        turns = [{"from": "human", "value": "<image>" * len(images) + question}, {"from": "gpt", "value": "circle"}]
+        return {"id": rid, "image": images, "conversations": turns}
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([record("one", ["a.png"], "What shape?"), record("two", ["a.png", "a.png"], "Same?"),
+                                record("long", ["a.png"], "Describe " * 200)]))
+    stats = dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", data=str(data), image_root=str(root),
+                 top_k=4, responses="generate", backend="hf", max_images=1, max_length=300,
+                 generation=GenerationSettings(max_new_tokens=3))
+    assert stats.written == 1
+    rejects = {r["sample_id"]: r for r in CacheReader(tmp_path / "c").rejects_table().to_pylist()}
+    assert rejects["two"]["stage"] == "images" and rejects["two"]["reason"] == "2 images > --max-images 1"
+    assert rejects["long"]["stage"] == "length" and "leaves no room for an answer" in rejects["long"]["reason"]
+    log = {r["sample_id"]: r for r in map(json.loads, (tmp_path / "c" / "responses" / "w00000.jsonl").read_text().splitlines())}
+    assert "two" not in log and "response" not in log["long"] and "response" in log["one"]  # never generated
+
+
+def test_vllm_child_environment_under_torchrun():
+    from pipeline.response_log import GenerationPhaseError, vllm_child_env
+
+    plain = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "3"}
+    assert vllm_child_env(plain, 1) == plain  # not under torchrun: untouched
+    torchrun = {"PATH": "/bin", "LOCAL_RANK": "2", "RANK": "10", "WORLD_SIZE": "16", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+                "TORCHELASTIC_RUN_ID": "x"}
+    assert vllm_child_env(torchrun, 1) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2"}
+    assert vllm_child_env(torchrun, 2)["CUDA_VISIBLE_DEVICES"] == "4,5"
+    narrowed = {**torchrun, "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert vllm_child_env(narrowed, 2)["CUDA_VISIBLE_DEVICES"] == "6,7"
+    with pytest.raises(GenerationPhaseError, match="LOCAL_RANK 2 needs GPUs 4..5 of CUDA_VISIBLE_DEVICES=4,5,6,7"):
+        vllm_child_env({**narrowed, "LOCAL_RANK": "2"}, 2)
