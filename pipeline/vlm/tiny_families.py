@@ -75,11 +75,13 @@ def paligemma(T, tok, text, vision, image_size):
     vis = dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=2, image_size=size, patch_size=16, projection_dim=text["hidden_size"]) | vision
     seq = (size // vis["patch_size"]) ** 2
-    config = T.PaliGemmaConfig(text_config=text, vision_config=vis, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                               projection_dim=text["hidden_size"], hidden_size=text["hidden_size"])
     image_processor = T.SiglipImageProcessorPil(size={"height": size, "width": size})
     image_processor.image_seq_length = seq
-    return config, T.PaliGemmaProcessor(image_processor, tok, chat_template=tok.chat_template)
+    processor = T.PaliGemmaProcessor(image_processor, tok, chat_template=tok.chat_template)
+    text["vocab_size"] = -(-len(tok) // 64) * 64  # the processor adds its 1,024 location and 128 segment tokens
+    config = T.PaliGemmaConfig(text_config=text, vision_config=vis, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               projection_dim=text["hidden_size"], hidden_size=text["hidden_size"])
+    return config, processor
 
 
 def idefics3(T, tok, text, vision, image_size):
