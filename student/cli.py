@@ -5,6 +5,7 @@
     student train --cache cache/ --student llava-folder --out runs/a --stage 3 --steps 500
     student train ... --resume        # continue a stopped stage from its last checkpoint
     student eval --model runs/a/stage3 --data easy-vqa:test [--limit 200]   # -> runs/a/stage3/eval/*.json
+    student check --student llava-folder --cache cache/ [--stage 2]   # will this pair train? (CPU, seconds)
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def eval_command(**options):
         click.echo(f"{kind}: {_percent(counts['accuracy'])} of {counts['samples']}")
     click.echo(f"all: {_percent(result['accuracy'])} of {result['samples']} (skipped {result['skipped']}); "
                f"wrote {result['output']}")
+
+
+@main.command("check")
+@click.option("--student", required=True, help="Student model folder, alias or hub id.")
+@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
+@click.option("--stage", type=click.IntRange(1, 3), multiple=True, help="Check only this stage (repeatable). Default: 1, 2 and 3.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Samples in the test batch.")
+@click.option("--memory-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Batch size the memory estimate is for.")
+def check_command(student, cache, stage, batch_size, memory_batch):
+    """One batch, one forward+backward of each stage on CPU: exit 0 when the pair can train, 2 with the reasons."""
+    from student.check import check_pair
+
+    report = check_pair(student, cache, stages=stage or (1, 2, 3), batch_size=batch_size, memory_batch=memory_batch)
+    click.echo(report.text())
+    sys.exit(0 if report.ok else 2)
 
 
 def _percent(value) -> str:
