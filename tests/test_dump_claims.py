@@ -57,13 +57,15 @@ def test_keep_if_correct_stores_agreeing_answers_and_falls_back_to_the_reference
 def test_keep_if_correct_with_reject_refuses_disagreeing_answers(tmp_path, tiny_vlm_dir):
     cache = tmp_path / "c"
     (cache / "responses").mkdir(parents=True)
-    answers = ["It is a rectangle.", "red", "Yes, it is.", "yes"]  # references: rectangle, blue, yes, no
+    # references: rectangle, blue, yes, no, no, yes (two disagree: under the dump's reject-fraction limit)
+    answers = ["It is a rectangle.", "red", "Yes, it is.", "yes", "No.", "yes"]
     records = [{"sample_id": f"easy-vqa:train:{i}", "response": a} for i, a in enumerate(answers)]
     (cache / "responses" / "w00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    stats = dump(tiny_vlm_dir(*TEACHER), cache, limit=4, responses="generate", backend="hf", keep_if_correct=True,
+    stats = dump(tiny_vlm_dir(*TEACHER), cache, limit=6, responses="generate", backend="hf", keep_if_correct=True,
                  on_incorrect="reject")
-    assert stored_answers(cache) == {"easy-vqa:train:0": "It is a rectangle.", "easy-vqa:train:2": "Yes, it is."}
-    assert (stats.written, stats.rejected, stats.reject_reasons) == (2, 2, {"generate": 2})
+    kept = {0: "It is a rectangle.", 2: "Yes, it is.", 4: "No.", 5: "yes"}
+    assert stored_answers(cache) == {f"easy-vqa:train:{i}": a for i, a in kept.items()}
+    assert (stats.written, stats.rejected, stats.reject_reasons) == (4, 2, {"generate": 2})
     reasons = {r["sample_id"]: r["reason"] for r in CacheReader(cache).rejects_table().to_pylist()}
     assert reasons == {"easy-vqa:train:1": "generated answer disagrees with the reference 'blue'",
                        "easy-vqa:train:3": "generated answer disagrees with the reference 'no'"}
