@@ -1,4 +1,4 @@
-"""GenRecal losses through the frozen teacher head, in chunks (METHOD.md section 3).
+"""GenRecal losses through the frozen teacher head, in chunks (docs/method.md, "Loss terms").
 
     ce, kl = head_losses(head, recalibrated, targets, teacher=cached_features)      # exact teacher distribution
     ce, kl = head_losses(head, recalibrated, targets, teacher=TopKTarget(ids, lp, tail))  # top-k + tail bucket

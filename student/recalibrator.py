@@ -1,4 +1,4 @@
-"""The Recalibrator (METHOD.md section 2): teacher answer features -> student space -> back, through
+"""The Recalibrator (docs/method.md): teacher answer features -> student space -> back, through
 decoder blocks of the student's own kind, so the frozen teacher head can read the result.
 
     rec = Recalibrator.from_student(student_model, teacher_hidden=8192, depth=2, init="copy")

@@ -1,4 +1,4 @@
-"""One GenRecal loss evaluation on a batch (METHOD.md Alg. 1-3).
+"""One GenRecal loss evaluation on a batch (docs/method.md, Alg. 1-3).
 
 The cache holds, per sample, the teacher's features z_al at [last prompt position, a_0 .. a_{n-2}]
 (n rows) and the targets gt_l = [a_0 .. a_{n-1}]. The Recalibrator's outputs at n positions go through
