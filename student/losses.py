@@ -1,4 +1,4 @@
-"""GenRecal losses through the frozen teacher head, in chunks (docs/method.md, "Loss terms").
+"""GenRecal losses through the frozen teacher head, in chunks (docs/method.md, "Each loss term and the code that computes it").
 
     ce, kl = head_losses(head, recalibrated, targets, teacher=cached_features)      # exact teacher distribution
     ce, kl = head_losses(head, recalibrated, targets, teacher=TopKTarget(ids, lp, tail))  # top-k + tail bucket
