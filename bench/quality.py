@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, LossConfig | None]] = {  # name -> (method, GenRe
     "genrecal-topk": ("genrecal", LossConfig(teacher_distribution="topk")),
     "uld": ("uld", None),
 }
+# follow-ups, not run by default (--variants): the same as their base variant with the student's vision
+# encoder trained too (the method keeps it frozen; this measures how much the frozen encoder bounds the student)
+FOLLOW_UPS = {"sft-vision": "sft", "genrecal-vision": "genrecal"}
 
 
 @dataclass(frozen=True)
@@ -189,13 +192,14 @@ def test_accuracy(model: Path, s: Settings, out: Path) -> dict:
 
 def variant_stages(variant: str, s: Settings) -> list[tuple[int, int, dict]]:
     """(stage, steps, TrainConfig fields) of a variant; every one makes stage 2 + 3 student updates."""
-    method, loss = VARIANTS[variant]
+    method, loss = VARIANTS[FOLLOW_UPS.get(variant, variant)]
+    vision = {"train_vision_encoder": True} if variant in FOLLOW_UPS else {}
     updates = s.stage_steps[1] + s.stage_steps[2]
     if method == "sft":
-        return [(3, updates, {"from_student": True})]
+        return [(3, updates, {"from_student": True, **vision})]
     if method == "uld":
-        return [(2, updates, {"from_student": True, "method": "uld"})]
-    return [(stage, n, {"loss": loss}) for stage, n in zip((1, 2, 3), s.stage_steps)]
+        return [(2, updates, {"from_student": True, "method": "uld", **vision})]
+    return [(stage, n, {"loss": loss, **vision}) for stage, n in zip((1, 2, 3), s.stage_steps)]
 
 
 def run_variant(work: str, s: Settings, cache: str, base: str, regime: str, seed: int, variant: str,
@@ -243,10 +247,13 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"), help="Scratch folder (reused on rerun).")
     parser.add_argument("--smoke", action="store_true", help="Tiny settings: checks the bench end to end.")
     parser.add_argument("--jobs", type=int, default=1, help="Variant runs in parallel (one thread each).")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + list(FOLLOW_UPS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the settings' seeds.")
+    parser.add_argument("--regimes", nargs="+", default=["full", "low"], choices=["full", "low"])
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     s = SMOKE if args.smoke else Settings()
+    seeds = tuple(args.seeds) if args.seeds else s.seeds
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(s), indent=2))
@@ -254,15 +261,18 @@ def main(argv=None) -> None:
     teacher_folder = teacher(work, s)
     base = base_student(work, s)
     cache = pool_cache(work, s, teacher_folder)
-    jobs = [(regime, seed, variant) for regime in ("full", "low") for seed in s.seeds for variant in args.variants]
+    jobs = [(regime, seed, variant) for regime in args.regimes for seed in seeds for variant in args.variants]
     ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, str(work), s, str(cache), str(base), regime, seed, variant, ids[regime])
                    for regime, seed, variant in jobs]
-        rows = [f.result() for f in futures]
+        for f in futures:
+            f.result()
     import quality_report
 
-    quality_report.write(work, s, rows, teacher_folder, base, args.results, time.perf_counter() - started,
+    # the report covers every finished run in WORK (an earlier full run plus any follow-up variants)
+    quality_report.write(work, s, quality_report.finished_rows(work), teacher_folder, base, args.results,
+                         time.perf_counter() - started,
                          "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 

@@ -98,9 +98,10 @@ def markdown(doc: dict, command: str) -> str:
         lines.append(f"| {name.replace('_', ' ')} | {100 * r['held_out']['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
                      + " | ".join(f"{100 * r['per_type'].get(t, 0):.1f}" for t in TYPES) + " |")
     lines += ["", "Test accuracy (%), mean ± std over seeds:", "",
-              "| regime | variant | accuracy | shape | colour | yes/no | train s |", "|---|---|---|---|---|---|---|"]
+              "| regime | variant | seeds | accuracy | shape | colour | yes/no | train s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in doc["summary"]:
-        lines.append(f"| {r['regime']} | {r['variant']} | {_pct(r['accuracy'])} | "
+        lines.append(f"| {r['regime']} | {r['variant']} | {len(r['seeds'])} | {_pct(r['accuracy'])} | "
                      + " | ".join(_pct(r["per_type"][t]) for t in TYPES) + f" | {r['train_seconds']:.0f} |")
     lines += ["", f"Held-out accuracy (%) over student updates, seed {s['seeds'][0]} ({s['curve_questions']} "
               "held-out questions per point):", ""]
@@ -161,11 +162,21 @@ def figure(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def finished_rows(work: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/*/seed*/row.json"))]
+
+
 def write(work: Path, s, rows: list[dict], teacher_folder: Path, base: Path, results: Path, seconds: float,
           command: str) -> dict:
+    """`seconds`/`command`: of the first (full) run; a later call (a follow-up, a redraw) keeps those."""
     from pipeline.store.reader import CacheReader
     from quality import regime_ids
 
+    first = work / "first_run.json"
+    if first.exists():
+        seconds, command = (json.loads(first.read_text())[k] for k in ("seconds", "command"))
+    else:
+        first.write_text(json.dumps({"seconds": seconds, "command": command}))
     cache = work / "cache"
     low = regime_ids(cache, s.low_fraction)
     refs = reference_models(work, s, teacher_folder, base)
@@ -193,8 +204,7 @@ def main(argv=None) -> None:
 
     settings = json.loads((args.work / "settings.json").read_text())
     s = quality.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    rows = [json.loads(p.read_text()) for p in sorted((args.work / "runs").glob("*/*/seed*/row.json"))]
-    write(args.work, s, rows, args.work / "teacher" / s.teacher_chain[-1] / "stage3", args.work / "base" / "stage3",
+    write(args.work, s, finished_rows(args.work), args.work / "teacher" / s.teacher_chain[-1] / "stage3", args.work / "base" / "stage3",
           args.results, float("nan"), "python bench/quality.py --work " + str(args.work))
 
 
