@@ -78,8 +78,8 @@ def dump_summary(stats, cache: str) -> str:
     rejected = f"{stats.rejected} rejected" + (f" ({reasons}; list them: pipeline inspect {cache} --rejects)" if reasons else "")
     return (
         f"{stats.written} written, {rejected}, {stats.skipped} already done; {stats.tokens} tokens; "
-        f"generation {stats.generate_seconds:.1f} s, features {stats.feature_seconds:.1f} s, "
-        f"total {stats.total_seconds:.1f} s (model loading included)"
+        f"generation {stats.generate_seconds:.2f} s, features {stats.feature_seconds:.2f} s, "
+        f"total {stats.total_seconds:.2f} s (model loading included)"
     )
 
 
