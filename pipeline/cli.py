@@ -5,6 +5,7 @@
     pipeline verify cache/           # checksums and schema; exit 1 naming bad shards
     pipeline pretrain-vision --model init/ --data easy-vqa:train --limit 20000 --out vpre/  # before a teacher's SFT
     pipeline dump-teacher --model qwen2-vl-72b --data llava.json --image-root /data --out cache/
+    pipeline dump-teacher ... --layers 20,40,60   # also intermediate layers (or --layers every:8), for VLsI
     torchrun --nproc_per_node 8 -m pipeline.cli dump-teacher ...   # one worker per GPU
 """
 
@@ -29,11 +30,26 @@ def main() -> None:
     """Run a large teacher VLM once and manage the teacher cache it fills."""
 
 
+class LayersParam(click.ParamType):
+    """--layers: "8,16,24" -> (8, 16, 24), "every:K" -> EveryLayers(K) (resolved once the teacher's layer count is known)."""
+
+    name = "LIST|every:K"
+
+    def convert(self, value, param, ctx):
+        from pipeline.dump_config import LayerChoiceError, parse_layers
+
+        try:
+            return parse_layers(value)
+        except LayerChoiceError as err:
+            self.fail(str(err), param, ctx)
+
+
 # Every DumpConfig field is an option (help text and default from the field), but `generation`, whose
 # fields are options of their own; the CLI defaults of the worker split come from torchrun's environment.
 DUMP_OPTIONS = dict(
     skip={"generation"},
     overrides={
+        "layers": {"type": LayersParam(), "show_default": False, "metavar": "LIST|every:K"},
         "out": {"type": click.Path(file_okay=False)},
         "image_root": {"type": click.Path(exists=True, file_okay=False)},
         "shard_target_tokens": {"decls": ["--shard-tokens"]},
@@ -54,14 +70,21 @@ def dump_teacher_command(progress: bool, num_workers, worker_index, **options):
     from pipeline.dump import dump_teacher, rejection_problem
     from pipeline.response_log import GenerationPhaseError
 
+    from pipeline.dump_config import EveryLayers, LayerChoiceError, resolve_layers, teacher_layer_count
+
     n, i = workers_from_env(num_workers, worker_index)
     generation = GenerationSettings(**{f.name: options.pop(f.name) for f in dataclasses.fields(GenerationSettings)})
     try:
+        if isinstance(options["layers"], EveryLayers):  # every:K needs the teacher's layer count (from its config)
+            probe = DumpConfig(generation=generation, num_workers=n, worker_index=i, **{**options, "layers": ()})
+            options["layers"] = resolve_layers(options["layers"], _or_fail(teacher_layer_count, probe))
         cfg = DumpConfig(generation=generation, num_workers=n, worker_index=i, **options)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     try:
         stats = _or_fail(dump_teacher, cfg, progress=progress)
+    except LayerChoiceError as err:  # a layer the teacher does not have: found once its layer count is known
+        raise click.UsageError(str(err)) from None
     except GenerationPhaseError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)

@@ -24,7 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline.progress import progress_bar
-from pipeline.dump_config import DumpConfig, build_manifest, load_teacher, save_teacher_files, writer_id
+from pipeline.dump_config import (
+    DumpConfig,
+    build_manifest,
+    load_teacher,
+    resolve_layers,
+    save_teacher_files,
+    teacher_layer_count,
+    writer_id,
+)
 from pipeline.feature_pass import FeaturePass, pack_batches
 from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers, too_many_images
 from pipeline.store.layout import committed_sample_ids
@@ -71,6 +79,8 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
     stats = DumpStats()
     # -- set up
     backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
+    if cfg.layers and backend == "vllm":  # vLLM answers everything before the teacher loads: check --layers first
+        resolve_layers(cfg.layers, teacher_layer_count(cfg))
     samples = list(my_slice(cfg))  # an unreadable data file fails here; images stay lazy
     log = ResponseLog(cfg.out, writer_id(cfg)) if backend else None
     if backend == "vllm":  # generate: all answers now, before the HF teacher takes the GPUs

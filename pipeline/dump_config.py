@@ -74,6 +74,11 @@ class DumpConfig:
     """How features are stored."""
     question_features_fraction: float = 0.0
     """Fraction of samples (chosen by id) that also store features at every prompt position."""
+    layers: tuple[int, ...] = ()
+    """Intermediate teacher layers to store besides the final features, at the same positions and in the same
+    encoding: a list (8,16,24) or every:K (K, 2K, ... below the last layer). Layer l is transformers'
+    output_hidden_states index l (the output of decoder layer l), so 1 <= l < the teacher's layer count; the final
+    layer is always stored as the features. Each layer costs about as much as the features."""
     max_length: int = 4096
     """Longest sample in tokens (prompt with its image tokens + answer); longer samples are rejected (with
     --responses generate, a prompt that leaves no room for an answer is rejected before generation; vLLM's
@@ -121,6 +126,65 @@ class DumpConfig:
             raise ValueError(f"--max-reject-fraction must be in [0, 1], got {self.max_reject_fraction}")
         if not 0 <= self.worker_index < self.num_workers:
             raise ValueError(f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})")
+        layers = tuple(self.layers)
+        if any(not isinstance(l, int) or isinstance(l, bool) or l < 1 for l in layers) or len(set(layers)) != len(layers):
+            raise LayerChoiceError(f"--layers {','.join(map(str, layers))}: give distinct layer indices >= 1 "
+                                   "(0 is the embedding output, which is not stored)")
+        object.__setattr__(self, "layers", tuple(sorted(layers)))
+
+
+class LayerChoiceError(ValueError):
+    """--layers names layers the teacher does not have, or is not a list / every:K; the message gives the range."""
+
+
+@dataclass(frozen=True)
+class EveryLayers:
+    """`--layers every:K`: layers K, 2K, ... below the teacher's last layer (resolved once its layer count is known)."""
+
+    k: int
+
+
+def parse_layers(text: str | tuple | list | None) -> tuple[int, ...] | EveryLayers:
+    """The --layers option: "8,16,24" -> (8, 16, 24); "every:4" -> EveryLayers(4); "" / None -> ()."""
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(text or ())
+    text = text.strip().replace(" ", "")
+    usage = ("--layers takes layer indices (8,16,24) or every:K (K, 2K, ... below the teacher's last layer); "
+             f"got {text!r}")
+    if not text:
+        return ()
+    if text.lower().startswith("every:"):
+        k = text.split(":", 1)[1]
+        if not k.isdigit() or int(k) < 1:
+            raise LayerChoiceError(f"{usage}: K must be a positive integer")
+        return EveryLayers(int(k))
+    parts = text.strip(",").split(",")
+    if not all(p.lstrip("-").isdigit() for p in parts):
+        raise LayerChoiceError(usage)
+    return tuple(int(p) for p in parts)
+
+
+def resolve_layers(spec: tuple[int, ...] | EveryLayers, num_layers: int) -> tuple[int, ...]:
+    """The layers of `spec` for a teacher with `num_layers` decoder layers; LayerChoiceError naming the valid range."""
+    valid = (f"valid layers for this teacher ({num_layers} decoder layers) are 1..{num_layers - 1}: layer l is "
+             f"transformers' output_hidden_states index l; 0 is the embedding output and {num_layers} the final layer, "
+             "which is always stored as the features")
+    if isinstance(spec, EveryLayers):
+        layers = tuple(range(spec.k, num_layers, spec.k))
+        if not layers:
+            raise LayerChoiceError(f"--layers every:{spec.k} selects no layer; {valid}")
+        return layers
+    bad = [l for l in spec if not 1 <= l < num_layers]
+    if bad:
+        raise LayerChoiceError(f"--layers {','.join(map(str, spec))}: {','.join(map(str, bad))} out of range; {valid}")
+    return tuple(sorted(set(spec)))
+
+
+def teacher_layer_count(cfg: DumpConfig) -> int:
+    """Decoder layers of the teacher as pipeline/vlm/parts.py finds them, from its config alone (no weights)."""
+    from pipeline.vlm.models import decoder_layer_count
+
+    return decoder_layer_count(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
 @dataclass
@@ -170,8 +234,12 @@ def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
 
 def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher, backend: str | None) -> CacheManifest:
     """The manifest of this dump; `backend` is the resolved generation backend (None: answers from the data)."""
+    from pipeline.vlm.parts import vlm_parts
+
     vlm, head = teacher.vlm, teacher.head
     config = vlm.model.config
+    num_layers = len(vlm_parts(vlm.model).layers)
+    resolve_layers(cfg.layers, num_layers)  # a bad layer fails before the cache is created
     return CacheManifest(
         teacher=TeacherInfo(
             model=cfg.model,
@@ -188,6 +256,7 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher, backend: str | None)
             logit_scale=head.logit_scale,
             final_logit_softcapping=head.softcap,
             head_has_bias=head.bias is not None,
+            num_hidden_layers=num_layers,
         ),
         responses=ResponsesInfo(
             source=cfg.responses,
@@ -201,6 +270,7 @@ def build_manifest(cfg: DumpConfig, teacher: LoadedTeacher, backend: str | None)
         topk=TopKInfo(k=cfg.top_k, logprob_dtype=cfg.logprob_dtype),
         positions=PositionsInfo(question_features_fraction=cfg.question_features_fraction),
         storage=StorageInfo(shard_target_tokens=cfg.shard_target_tokens, chunk_tokens=cfg.chunk_tokens),
+        layers=tuple(cfg.layers),
     )
 
 

@@ -4,6 +4,9 @@ For a 72B teacher with a 152k vocabulary, logits cost ~2.5 GFLOP per token; the
 prompt (image tokens, question) is most of the sequence and needs no logits, so the
 body runs alone and the head is applied only to the stored positions, in chunks.
 
+With `--layers`, the hidden states of those decoder layers come from the same forward (hooks on the chosen
+blocks, so only they are kept) and are stored at the same positions, in the same encoding, checked the same way.
+
 Top-k, log-sum-exp and tail mass are computed from the features *as stored* (after
 encoding and decoding), so the cache is self-consistent: the head applied to the
 cached features reproduces the cached top-k exactly.
@@ -21,7 +24,7 @@ from schemas import FeatureEncoding
 from pipeline.vlm.data import DataSample
 from pipeline.store.encoding import check_lossy_bound, decode_features, encode_features
 from pipeline.store.teacher_head import TeacherHead
-from pipeline.vlm.parts import body_forward
+from pipeline.vlm.parts import body_forward, body_forward_with_layers
 from pipeline.vlm.prompting import EncodedSample, collate
 from pipeline.store.writer import TeacherSample
 
@@ -53,6 +56,7 @@ class FeaturePass:
         self.encoding = manifest.features
         self.k = manifest.topk.k
         self.question_fraction = manifest.positions.question_features_fraction
+        self.layers = tuple(manifest.layers)  # intermediate layers, from the same forward (body_forward_with_layers)
         self.device = teacher.model.device
 
     @torch.inference_mode()
@@ -60,11 +64,20 @@ class FeaturePass:
         encoded = [e for e, _ in batch]
         inputs = {k: v.to(self.device) for k, v in collate(encoded, self.teacher.pad_id).items()}
         t0 = time.perf_counter()
-        hidden = body_forward(self.teacher.model, **inputs)
+        if self.layers:
+            hidden, mid = body_forward_with_layers(self.teacher.model, self.layers, **inputs)
+        else:
+            hidden, mid = body_forward(self.teacher.model, **inputs), {}
         _synchronize(self.device)
         t1 = time.perf_counter()
-        picked = [hidden[b, stored_positions(e.prompt_len, len(e.answer_ids))] for b, e in enumerate(encoded)]
-        payloads = [roundtrip(h, self.encoding, f"sample {e.sample_id!r}") for h, e in zip(picked, encoded)]
+        positions = [stored_positions(e.prompt_len, len(e.answer_ids)) for e in encoded]
+        payloads = [roundtrip(hidden[b, p], self.encoding, f"sample {e.sample_id!r}")
+                    for b, (p, e) in enumerate(zip(positions, encoded))]
+        # intermediate layers: the same positions of the same forward, encoded and checked like the features
+        layer_payloads = [
+            {l: roundtrip(mid[l][b, p], self.encoding, f"sample {e.sample_id!r} (layer {l})")[:2] for l in self.layers}
+            for b, (p, e) in enumerate(zip(positions, encoded))
+        ]
         questions = [
             roundtrip(hidden[b, : e.prompt_len], self.encoding, f"sample {e.sample_id!r} (question features)")
             if wants_question_features(e.sample_id, self.question_fraction)
@@ -77,7 +90,7 @@ class FeaturePass:
         stats.forward_seconds += (t1 - t0) + (time.perf_counter() - t2)
         stats.tokens += sum(e.total_len for e in encoded)
         out, start = [], 0
-        for (e, sample), (payload, scales, _), question in zip(batch, payloads, questions):
+        for (e, sample), (payload, scales, _), question, layered in zip(batch, payloads, questions, layer_payloads):
             n = len(e.answer_ids)
             rows = {name: value[start : start + n] for name, value in heads.items()}
             start += n
@@ -90,6 +103,9 @@ class FeaturePass:
                     feature_scales=scales,
                     question_features=question[0] if question else None,
                     question_feature_scales=question[1] if question else None,
+                    layer_features={l: p for l, (p, _) in layered.items()} if self.layers else None,
+                    layer_feature_scales=({l: sc for l, (_, sc) in layered.items()}
+                                          if self.layers and self.encoding.has_scales else None),
                     source=sample.source,
                     images=[spec.ref for spec in sample.images],
                     messages=sample.messages,

@@ -29,6 +29,8 @@ from schemas.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MIN_COSINE,
+    as_format_version,
+    require_layers,
     CacheManifest,
     DataInfo,
     FeatureEncoding,
@@ -43,6 +45,11 @@ from schemas.manifest import (
 from schemas.shard import (
     ARRAY_SPECS,
     ARRAYS_DIR,
+    LAYER_ARRAY_SPECS,
+    array_layer,
+    array_spec,
+    array_specs,
+    layer_array_names,
     INDEX_FILE,
     REJECTS_FILE,
     SAMPLES_FILE,
@@ -60,5 +67,6 @@ __all__ = [
     "TEACHER_HF_DIR", "TMP_PREFIX", "image_file", "parse_image_ref", "path_ref", "sha256_ref",
     "ArrayRecord", "CacheFormatError", "CacheManifest", "CacheMismatchError", "DataInfo", "FeatureEncoding",
     "PositionsInfo", "ResponsesInfo", "ShardIndex", "StorageInfo", "TeacherInfo", "TopKInfo", "expected_arrays",
-    "read_json", "read_manifest",
+    "read_json", "read_manifest", "LAYER_ARRAY_SPECS", "array_layer", "array_spec", "array_specs", "as_format_version",
+    "layer_array_names", "require_layers",
 ]

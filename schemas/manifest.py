@@ -8,7 +8,7 @@ One manifest per cache folder. The first writer creates it; every later writer
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -17,7 +17,12 @@ from schemas.layout import MANIFEST_FILE
 from schemas.errors import CacheFormatError, CacheMismatchError
 
 FORMAT_NAME = "genrecal-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: intermediate teacher layers (`CacheManifest.layers`, `TeacherInfo.num_hidden_layers`, per-layer arrays
+`layer_features_<l>`). Version 1 caches read as caches without layers (schemas/DESIGN.md, "Intermediate layers")."""
+
+# Fields a version-1 manifest cannot hold: (dotted path, value a version-1 cache implies).
+FIELDS_SINCE_VERSION_2 = (("layers", ()), ("teacher.num_hidden_layers", None))
 
 FeatureEncodingName = Literal["bf16", "fp8_e4m3", "int8"]
 CodecName = Literal["none", "zstd1", "zstd3", "blosc-zstd3-shuffle", "blosc-zstd3-bitshuffle", "blosc-lz4-bitshuffle"]
@@ -59,8 +64,13 @@ class TeacherInfo:
     """tanh soft-cap applied to logits by the family (Gemma-style), or null."""
     head_has_bias: bool = False
     """Whether teacher/head.safetensors holds a `bias` tensor besides `weight`."""
+    num_hidden_layers: int | None = None
+    """Decoder layers of the teacher's text stack (as pipeline/vlm/parts.py finds them): `features` are its
+    transformers hidden state of this index (after the final norm). Null in caches written before format 2."""
 
     def __post_init__(self):
+        if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers must be positive, got {self.num_hidden_layers}")
         if self.hidden_size <= 0 or self.vocab_size <= 0:
             raise ValueError("hidden_size and vocab_size must be positive")
         if self.tokenizer_vocab_size > self.vocab_size:
@@ -205,6 +215,12 @@ class CacheManifest:
     """Stored positions."""
     storage: StorageInfo = field(default_factory=StorageInfo)
     """Zarr layout and codecs."""
+    layers: tuple[int, ...] = ()
+    """Intermediate teacher layers stored besides `features` (ascending; empty: none). Layer l is transformers'
+    `output_hidden_states` index l: the output of decoder layer l (1-based), before any final norm; 0 would be the
+    embedding output and teacher.num_hidden_layers the final layer, which is `features`, so 1 <= l <
+    num_hidden_layers. Stored at the same positions and in the same encoding as `features`, one array per layer
+    (`layer_features_<l>`, with `layer_feature_scales_<l>` for lossy encodings). New in format 2."""
     format: str = FORMAT_NAME
     """Always genrecal-teacher-cache."""
     format_version: int = FORMAT_VERSION
@@ -215,6 +231,18 @@ class CacheManifest:
     """ISO-8601 UTC time the manifest was first written."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings of the producing command, kept for provenance."""
+
+    def __post_init__(self):
+        if list(self.layers) != sorted(set(self.layers)) or any(l < 1 for l in self.layers):
+            raise ValueError(f"layers must be distinct positive layer indices in ascending order, got {list(self.layers)}")
+        count = self.teacher.num_hidden_layers
+        if count is not None and self.layers and self.layers[-1] >= count:
+            raise ValueError(f"layers {list(self.layers)}: the teacher has {count} decoder layers, so an intermediate "
+                             f"layer is 1..{count - 1} ({count} is the final layer, stored as features)")
+        if self.format_version < 2:
+            newer = [path for path, old in FIELDS_SINCE_VERSION_2 if _get(self, path) != old]
+            if newer:
+                raise ValueError(f"format_version {self.format_version} cannot hold field(s) {newer} (new in format 2)")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -243,6 +271,47 @@ class CacheManifest:
 
 
 VOLATILE_FIELDS = ("tool_version", "created_at")
+
+
+def as_format_version(manifest: CacheManifest, version: int) -> CacheManifest:
+    """`manifest` written as an older format version, for a run that resumes an older cache: only possible when
+    it uses nothing that version lacks (a version-1 cache is a version-2 cache without layers). Otherwise the
+    manifest is returned unchanged, and the identity check reports every field that differs."""
+    if version >= manifest.format_version or version < 1 or manifest.layers:
+        return manifest
+    return replace(manifest, format_version=version, teacher=replace(manifest.teacher, num_hidden_layers=None))
+
+
+def require_layers(manifest: CacheManifest, wanted: tuple[int, ...] | None, where: str) -> tuple[int, ...]:
+    """The intermediate layers a method reads from a cache: `wanted` (all the cache's layers when None).
+
+    Raises ValueError naming the cache (`where`), the layers it has, and the dump command that writes the missing
+    ones, when the cache lacks any of `wanted` (or, with None, has no layers at all). A cache's layers are fixed
+    when it is created (they are part of its manifest identity), so the fix is a new cache, not a rerun.
+    """
+    have = tuple(manifest.layers)
+    needed = tuple(have if wanted is None else wanted)
+    missing = [l for l in needed if l not in have] if wanted is not None else ([] if have else ["any"])
+    if not missing:
+        return needed
+    holds = ",".join(map(str, have)) if have else "none: written before format 2 or without --layers" + (
+        f" (this cache is format version {manifest.format_version})" if manifest.format_version < 2 else "")
+    asked = "intermediate teacher layers" if wanted is None else f"teacher layers {','.join(map(str, wanted))}"
+    count = manifest.teacher.num_hidden_layers
+    valid = f" (this teacher: 1..{count - 1})" if count else ""
+    example = ",".join(map(str, wanted)) if wanted else "8,16,24"
+    raise ValueError(
+        f"{where}: this method needs {asked}, but the cache has layers {holds}. A cache's layers are fixed when it is "
+        f"written: dump the teacher again into a new folder, e.g. `pipeline dump-teacher --model "
+        f"{manifest.teacher.model} --data {manifest.data.source} ... --layers {example} --out NEW_CACHE` "
+        f"(or --layers every:K){valid}, and train from that cache"
+    )
+
+
+def _get(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def check_format_header(data: Any, where: str, expected_format: str) -> None:

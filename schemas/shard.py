@@ -31,7 +31,7 @@ class ArraySpec:
     rows: str  # "samples+1", "tokens" or "question_tokens"
     width: str | None  # None (1-D), "hidden" or "k"
     dtype: str  # a numpy dtype name, or "features" / "logprobs" (taken from the manifest)
-    present: str = "always"  # "always", "scales" (lossy encodings), "topk" (k > 0)
+    present: str = "always"  # "always", "scales" (lossy encodings), "topk" (k > 0), "layers" (one per layer)
 
 
 ARRAY_SPECS: dict[str, ArraySpec] = {
@@ -48,12 +48,57 @@ ARRAY_SPECS: dict[str, ArraySpec] = {
     "question_feature_scales": ArraySpec("scalars", "question_tokens", None, "float32", present="scales"),
 }
 
+# One pair per intermediate layer l of `CacheManifest.layers` (format 2): the hidden state of layer l at the
+# rows of `features`, encoded like them. Names are the template with `{layer}` filled in (layer_features_8).
+LAYER_FEATURES = "layer_features_{layer}"
+LAYER_FEATURE_SCALES = "layer_feature_scales_{layer}"
+LAYER_ARRAY_SPECS: dict[str, ArraySpec] = {
+    LAYER_FEATURES: ArraySpec("features", "tokens", "hidden", "features", present="layers"),
+    LAYER_FEATURE_SCALES: ArraySpec("scalars", "tokens", None, "float32", present="layers+scales"),
+}
+
+
+def layer_array_names(layer: int) -> tuple[str, str]:
+    """(features array, scales array) names of intermediate layer `layer` in a shard."""
+    return LAYER_FEATURES.format(layer=layer), LAYER_FEATURE_SCALES.format(layer=layer)
+
+
+def array_layer(name: str) -> int | None:
+    """The layer of a per-layer array name (layer_features_8 -> 8), None for any other array."""
+    for template in LAYER_ARRAY_SPECS:
+        prefix = template.removesuffix("{layer}")
+        rest = name.removeprefix(prefix)
+        if rest != name and rest.isdigit() and str(int(rest)) == rest:
+            return int(rest)
+    return None
+
+
+def array_spec(name: str) -> ArraySpec:
+    """The contract of array `name`: a fixed array of ARRAY_SPECS or a per-layer one; KeyError for others."""
+    if name in ARRAY_SPECS:
+        return ARRAY_SPECS[name]
+    layer = array_layer(name)
+    if layer is not None:
+        for template, spec in LAYER_ARRAY_SPECS.items():
+            if template.format(layer=layer) == name:
+                return spec
+    raise KeyError(f"unknown cache array {name!r}")
+
+
+def array_specs(manifest: CacheManifest) -> dict[str, ArraySpec]:
+    """Name -> spec of every array a shard of this cache may hold: ARRAY_SPECS, then per layer its pair."""
+    out = dict(ARRAY_SPECS)
+    for layer in manifest.layers:
+        for template, spec in LAYER_ARRAY_SPECS.items():
+            out[template.format(layer=layer)] = spec
+    return out
+
 
 def expected_arrays(manifest: CacheManifest) -> dict[str, tuple[str, int | None]]:
     """Array name -> (dtype, width or None) for every array a shard of this cache must hold."""
     out = {}
-    for name, spec in ARRAY_SPECS.items():
-        if spec.present == "scales" and not manifest.features.has_scales:
+    for name, spec in array_specs(manifest).items():
+        if spec.present in ("scales", "layers+scales") and not manifest.features.has_scales:
             continue
         if spec.present == "topk" and manifest.topk.k == 0:
             continue
@@ -105,7 +150,7 @@ class ShardIndex:
     format: str = SHARD_FORMAT_NAME
     """Always genrecal-teacher-cache/shard."""
     format_version: int = FORMAT_VERSION
-    """Cache format version of this shard."""
+    """Cache format version of this shard (the manifest's: a resumed version-1 cache gets version-1 shards)."""
 
     def __post_init__(self):
         n = len(self.sample_ids)
@@ -145,7 +190,7 @@ class ShardIndex:
             record = self.arrays.get(name)
             if record is None:
                 raise CacheFormatError(f"{where}: field 'arrays.{name}' is missing")
-            shape = (rows[ARRAY_SPECS[name].rows],) + ((width,) if width is not None else ())
+            shape = (rows[array_spec(name).rows],) + ((width,) if width is not None else ())
             if record.dtype != dtype:
                 raise CacheFormatError(
                     f"{where}: field 'arrays.{name}.dtype': expected {dtype} (from the manifest), got {record.dtype}"

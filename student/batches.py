@@ -11,6 +11,10 @@ length-grouped batches within the window) and each DataLoader worker reads whole
 LRU of a window's worth. `cache_reads="random"` keeps the globally shuffled order with one read
 per sample (about 50x slower per sample).
 
+`CacheStudentData(..., layers=True)` also hands every item the cache's intermediate teacher layers
+(`teacher_layers`, float32 per layer, the rows of `teacher_features`); a cache without them fails at once, with
+what to dump (`schemas.require_layers`).
+
 The teacher's and the student's token sequences never need aligning: the student's answer
 ids (its own targets) come from its tokenizer, the teacher's from the cache.
 """
@@ -39,6 +43,7 @@ class StudentItem:
     teacher_targets: torch.Tensor | None = None  # gt_l [n]
     teacher_topk: TopKTarget | None = None
     teacher_question: torch.Tensor | None = None  # z_ql [q, d_l] float32, for the samples that have it
+    teacher_layers: dict[int, torch.Tensor] | None = None  # layer -> [n, d_l] float32, rows of teacher_features (layers=True)
 
 
 @dataclass
@@ -62,9 +67,11 @@ class CacheStudentData(torch.utils.data.Dataset):
     """Map-style dataset over a cache's committed samples, encoded for one student."""
 
     def __init__(self, cache_dir, processor, end_of_turn, pad_id: int, image_root: str | None = None, sample_ids=None,
-                 teacher: bool = True):
+                 teacher: bool = True, layers: bool = False):
         self.reader = cache_dir if isinstance(cache_dir, CacheReader) else CacheReader(cache_dir)  # or an open one
         self.teacher = teacher  # False: the student side only (stage 3 needs no teacher arrays)
+        # True: every item also carries the cache's intermediate teacher layers (a cache without them fails here)
+        self.layers = self.reader.require_layers() if layers else ()
         self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
         data = self.reader.manifest.data
         self.image_root = image_root or data.image_root
@@ -96,6 +103,7 @@ class CacheStudentData(torch.utils.data.Dataset):
             teacher_targets=torch.from_numpy(cached.target_ids.astype("int64")),
             teacher_topk=topk,
             teacher_question=None if question is None else torch.from_numpy(question),
+            teacher_layers={l: torch.from_numpy(cached.layer_features_float32(l)) for l in self.layers} or None,
         )
 
     def collate(self, items: list[StudentItem]) -> StudentBatch:

@@ -21,9 +21,11 @@ def teacher() -> SyntheticTeacher:
 
 
 def write_cache(root: Path, teacher: SyntheticTeacher, ids: list[str], manifest=None, writer_id="w0", **kw):
-    """Write `ids` (every 3rd with question features) plus the head; return the samples written."""
+    """Write `ids` (every 3rd with question features) plus the head; return the samples written.
+
+    `layers=(1, 2)` (passed on to synthetic_manifest) also stores those intermediate layers."""
     manifest = manifest or synthetic_manifest(hidden_size=64, vocab_size=500, **kw)
-    samples = list(teacher.samples(ids, manifest.topk.k, question_every=3))
+    samples = list(teacher.samples(ids, manifest.topk.k, question_every=3, layers=manifest.layers))
     with CacheWriter(root, manifest, writer_id) as writer:
         for sample in samples:
             writer.add(sample)

@@ -36,7 +36,11 @@ def synthetic_manifest(
     chunk_tokens: int = 16,
     codecs: dict | None = None,
     question_features_fraction: float = 0.0,
+    layers: tuple[int, ...] = (),
+    num_hidden_layers: int | None = None,
 ) -> CacheManifest:
+    """A manifest for `SyntheticTeacher` caches; `layers` (e.g. (1, 2)) adds intermediate-layer arrays, and the
+    teacher then has `num_hidden_layers` layers (default: one more than the deepest stored layer)."""
     storage = StorageInfo(shard_target_tokens=shard_target_tokens, chunk_tokens=chunk_tokens)
     if codecs:
         storage = StorageInfo(shard_target_tokens, chunk_tokens, {**storage.codecs, **codecs})
@@ -51,6 +55,7 @@ def synthetic_manifest(
             dtype="bfloat16",
             tokenizer_fingerprint="0" * 64,
             end_of_turn_token_ids=(vocab_size - 1,),
+            num_hidden_layers=num_hidden_layers or (max(layers) + 1 if layers else None),
         ),
         responses=ResponsesInfo(source="dataset"),
         data=DataInfo(source="synthetic"),
@@ -58,6 +63,7 @@ def synthetic_manifest(
         topk=TopKInfo(k=k),
         positions=PositionsInfo(question_features_fraction=question_features_fraction),
         storage=storage,
+        layers=tuple(layers),
     )
 
 
@@ -81,7 +87,9 @@ class SyntheticTeacher:
         """Each sample's data depends only on (seed, id): a resumed run regenerates identical samples."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(sample_id.encode()))
 
-    def sample(self, sample_id: str, n: int, k: int, question_tokens: int = 0) -> TeacherSample:
+    def sample(self, sample_id: str, n: int, k: int, question_tokens: int = 0, layers: tuple[int, ...] = ()) -> TeacherSample:
+        """One sample; `layers` adds intermediate-layer features (each a noisier, smaller copy of the final ones,
+        as hidden states of earlier layers are related to the last but not equal)."""
         g = self._generator(sample_id)
         feats = self.features(n, g)
         logits = feats.float() @ self.head.float().T
@@ -103,10 +111,16 @@ class SyntheticTeacher:
             messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"q {sample_id}"}]}],
             answer=f"answer {sample_id}",
             images=[f"path:img/{sample_id}.png"],
+            layer_features={l: self.layer_features(feats, l, g) for l in layers} if layers else None,
             **extra,
         )
 
-    def samples(self, ids: list[str], k: int, min_tokens: int = 3, max_tokens: int = 20, question_every: int = 0):
+    def layer_features(self, final: torch.Tensor, layer: int, generator: torch.Generator) -> torch.Tensor:
+        """Features of an intermediate layer: the final ones shrunk by 1 / (1 + layer) plus fresh noise."""
+        return (final.float() / (1 + layer) + self.features(len(final), generator).float() * 0.5).to(torch.bfloat16)
+
+    def samples(self, ids: list[str], k: int, min_tokens: int = 3, max_tokens: int = 20, question_every: int = 0,
+                layers: tuple[int, ...] = ()):
         """Yield samples with lengths in [min_tokens, max_tokens]; about 1 in `question_every` has question features.
 
         Lengths and the question-feature choice depend only on (seed, id), like the data itself.
@@ -115,4 +129,4 @@ class SyntheticTeacher:
             h = zlib.crc32(f"{self.seed}/{sid}".encode())
             n = min_tokens + h % (max_tokens - min_tokens + 1)
             q = 5 + (h >> 8) % 35 if question_every and (h >> 16) % question_every == 0 else 0
-            yield self.sample(sid, n, k, question_tokens=q)
+            yield self.sample(sid, n, k, question_tokens=q, layers=layers)

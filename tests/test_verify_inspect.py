@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main as pipeline_cli
 from pipeline.store.verify import verify_cache
+from schemas import FORMAT_VERSION
 
 
 def run(*args):
@@ -74,12 +75,13 @@ def test_missing_teacher_head_is_a_problem(small_cache):
 def test_newer_manifest_version_gives_clear_error(small_cache):
     root, _ = small_cache
     data = json.loads((root / "manifest.json").read_text())
-    data["format_version"] = 2
+    data["format_version"] = FORMAT_VERSION + 1
     (root / "manifest.json").write_text(json.dumps(data))
     for command in ("verify", "inspect"):
         result = run(command, root)
         assert result.exit_code == 2
-        assert "manifest.json: cache format version 2 is newer than this tool supports (1)" in result.output
+        assert (f"manifest.json: cache format version {FORMAT_VERSION + 1} is newer than this tool supports "
+                f"({FORMAT_VERSION})") in result.output
         assert "Traceback" not in result.output
 
 

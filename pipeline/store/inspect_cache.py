@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas import ARRAY_SPECS, HEAD_FILE, SHARDS_DIR, read_manifest
+from schemas import HEAD_FILE, SHARDS_DIR, array_specs, layer_array_names, read_manifest
 from pipeline.store.fsutil import dir_bytes
 from pipeline.store.layout import committed_shards, load_index, temporary_shards
 
@@ -21,7 +21,7 @@ def cache_summary(cache_dir: str | Path) -> dict:
     qtokens = sum(ix.total_question_tokens for ix in indexes)
     rows = {"samples+1": sum(len(ix.sample_ids) + 1 for ix in indexes), "tokens": tokens, "question_tokens": qtokens}
     arrays = {}
-    for name, spec in ARRAY_SPECS.items():
+    for name, spec in array_specs(manifest).items():
         records = [ix.arrays[name] for ix in indexes if name in ix.arrays]
         if not records:
             continue
@@ -36,6 +36,11 @@ def cache_summary(cache_dir: str | Path) -> dict:
             "stored_bytes_per_token": stored / per if per else None,
             "per": "question token" if spec.rows == "question_tokens" else "token",
         }
+    layers = {}
+    for layer in manifest.layers:  # each intermediate layer costs its features (+ scales) per stored position
+        present = [arrays[n] for n in layer_array_names(layer) if n in arrays]
+        stored = sum(a["stored_bytes"] for a in present)
+        layers[str(layer)] = {"stored_bytes": stored, "stored_bytes_per_token": stored / tokens if tokens else None}
     return {
         "cache": str(root),
         "format": f"{manifest.format} v{manifest.format_version} (written by genrecal {manifest.tool_version})",
@@ -49,6 +54,7 @@ def cache_summary(cache_dir: str | Path) -> dict:
         "tokens": tokens,
         "question_tokens": qtokens,
         "arrays": arrays,
+        "layers": layers,
         "total_bytes": dir_bytes(root),
         "shard_bytes": dir_bytes(root / SHARDS_DIR) if (root / SHARDS_DIR).is_dir() else 0,
         "head_bytes": (root / HEAD_FILE).stat().st_size if (root / HEAD_FILE).is_file() else 0,
@@ -69,6 +75,7 @@ def format_summary(s: dict) -> str:
         f"features   {feature_precision(f)}",
         f"top-k      k={k['k']} ({k['logprob_dtype']}), question-feature fraction "
         f"{m['positions']['question_features_fraction']}",
+        f"layers     {_layers_line(m, s['layers'])}",
         f"samples    {s['samples']} stored, {s['rejected']} rejected"
         + (" (list them: pipeline inspect CACHE --rejects)" if s["rejected"] else "")
         + f", in {_count(s['shards'], 'shard')} from {_count(s['writers'], 'writer')}",
@@ -81,18 +88,32 @@ def format_summary(s: dict) -> str:
         f"  other    {_human(s['total_bytes'] - s['shard_bytes'] - s['head_bytes'])} "
         "(teacher config and tokenizer, images of in-memory data, response logs)",
         "",
-        f"{'array':<24}{'dtype':<9}{'raw':>11}{'stored':>11}{'ratio':>7}{'B/token':>10}",
+        f"{'array':<26}{'dtype':<9}{'raw':>11}{'stored':>11}{'ratio':>7}{'B/token':>10}",
     ]
     for name, a in s["arrays"].items():
         ratio = f"{a['ratio']:.2f}" if a["ratio"] else "-"
         per = f"{a['stored_bytes_per_token']:.1f}" if a["stored_bytes_per_token"] else "-"
         suffix = " (per question token)" if a["per"] == "question token" else ""
         lines.append(
-            f"{name:<24}{a['dtype']:<9}{_human(a['raw_bytes']):>11}{_human(a['stored_bytes']):>11}{ratio:>7}{per:>10}{suffix}"
+            f"{name:<26}{a['dtype']:<9}{_human(a['raw_bytes']):>11}{_human(a['stored_bytes']):>11}{ratio:>7}{per:>10}{suffix}"
         )
     if s["temporary_folders"]:
         lines.append(f"\n{len(s['temporary_folders'])} temporary folder(s) in shards/ (ignored by readers)")
     return "\n".join(lines)
+
+
+def _layers_line(m: dict, layers: dict) -> str:
+    """The intermediate layers stored, with their bytes per stored position (each and together)."""
+    count = m["teacher"].get("num_hidden_layers")
+    of = f" of {count}" if count else ""
+    if not m.get("layers"):
+        why = "written before format 2" if m["format_version"] < 2 else "dumped without --layers"
+        return f"none beyond the final layer{of} ({why})"
+    per = [(name, a["stored_bytes_per_token"]) for name, a in layers.items()]
+    each = ", ".join(f"{name}: {bpt:.1f}" if bpt is not None else f"{name}: -" for name, bpt in per)
+    total = sum(b for _, b in per if b is not None)
+    return (f"{len(per)} intermediate{of} ({','.join(name for name, _ in per)}), stored B/token per layer: {each}; "
+            f"{total:.1f} B/token together")
 
 
 def feature_precision(f: dict) -> str:

@@ -3,6 +3,7 @@
     reader = CacheReader("cache/")
     sample = reader.get("easy-vqa:train:17")     # or reader[i], i in shard order
     feats = sample.features_float32()              # [n, d]; sample.features holds the stored bits
+    mid = sample.layer_features_float32(8)         # [n, d] of layer 8, when the cache has --layers (format 2)
     same = reader.get_from_block("easy-vqa:train:17")  # its whole shard read into memory (an LRU of a few shards)
     for sample in reader:                          # shard order, reads blocks of samples
         ...
@@ -27,7 +28,17 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from schemas import HEAD_FILE, REJECT_COLUMNS, REJECTS_FILE, SAMPLE_COLUMNS, SAMPLES_FILE, CacheManifest, read_manifest
+from schemas import (
+    HEAD_FILE,
+    REJECT_COLUMNS,
+    REJECTS_FILE,
+    SAMPLE_COLUMNS,
+    SAMPLES_FILE,
+    CacheManifest,
+    layer_array_names,
+    read_manifest,
+    require_layers,
+)
 from pipeline.store.encoding import decode_features
 from pipeline.store.layout import committed_shards, load_index, shard_dir
 from pipeline.store.shard_files import arrow_schema, open_arrays, read_table, read_whole_arrays
@@ -53,9 +64,20 @@ class CachedSample:
     tail_logmass: np.ndarray | None = None  # [n] float32
     question_features: np.ndarray | None = None  # [q, d] payload; None when not stored
     question_feature_scales: np.ndarray | None = None
+    layer_features: dict[int, np.ndarray] | None = None  # layer -> [n, d] payload (rows of `features`); None: no layers
+    layer_feature_scales: dict[int, np.ndarray] | None = None  # layer -> [n] float32, lossy encodings only
 
     def features_float32(self) -> np.ndarray:
         return decode_features(self.features, self.feature_scales, self.encoding)
+
+    def layer_features_float32(self, layer: int) -> np.ndarray:
+        """[n, d] float32 features of intermediate layer `layer` (a layer of the cache's manifest)."""
+        if not self.layer_features or layer not in self.layer_features:
+            have = sorted(self.layer_features or ())
+            raise KeyError(f"sample {self.sample_id!r}: no layer {layer} in the cache (it has layers {have or 'none'}; "
+                           "see schemas.require_layers)")
+        scales = self.layer_feature_scales.get(layer) if self.layer_feature_scales else None
+        return decode_features(self.layer_features[layer], scales, self.encoding)
 
     def question_features_float32(self) -> np.ndarray | None:
         if self.question_features is None:
@@ -93,6 +115,10 @@ class CacheReader:
     def __init__(self, cache_dir: str | Path, max_open_shards: int = 8, max_block_shards: int = 4):
         self.root = Path(cache_dir)
         self.manifest: CacheManifest = read_manifest(self.root)
+        self.layers: tuple[int, ...] = tuple(self.manifest.layers)  # intermediate layers stored (format 2)
+        self._layer_names = {name: (layer, kind) for layer in self.layers
+                             for kind, name in zip(("features", "scales"), layer_array_names(layer))}
+        self._token_arrays = TOKEN_ARRAYS + tuple(self._layer_names)
         self.shards = committed_shards(self.root)
         self.indexes = {name: load_index(self.root, name, self.manifest) for name in self.shards}
         self.max_open_shards = max_open_shards
@@ -182,7 +208,7 @@ class CacheReader:
         if len(offsets) != rows + 1 or len(qoffsets) != rows + 1:
             raise ValueError(f"{shard_dir(self.root, name)}: offsets hold {len(offsets) - 1} rows but the index "
                              f"lists {rows} samples; run `pipeline verify` on the cache")
-        return RowBlock(name, 0, offsets, qoffsets, {k: arrays[k] for k in TOKEN_ARRAYS if k in arrays},
+        return RowBlock(name, 0, offsets, qoffsets, {k: arrays[k] for k in self._token_arrays if k in arrays},
                         {k: arrays[k] for k in QUESTION_ARRAYS if k in arrays})
 
     # -- sequential access -------------------------------------------------------------
@@ -209,7 +235,7 @@ class CacheReader:
         q0, q1 = int(qoffsets[first]), int(qoffsets[last])
         block = RowBlock(
             name, first, offsets[first : last + 1].astype(np.int64) - t0, qoffsets[first : last + 1].astype(np.int64) - q0,
-            {k: arrays[k][t0:t1] for k in TOKEN_ARRAYS if k in arrays},
+            {k: arrays[k][t0:t1] for k in self._token_arrays if k in arrays},
             {k: arrays[k][q0:q1] for k in QUESTION_ARRAYS if k in arrays},
         )
         return [self._cut(block, row, copy=False) for row in range(first, last)]
@@ -224,6 +250,14 @@ class CacheReader:
             fields.update({k: v[qa:qb] for k, v in block.questions.items()})
         if copy:
             fields = {k: v.copy() for k, v in fields.items()}
+        if self.layers:
+            layers: dict[str, dict[int, np.ndarray]] = {"features": {}, "scales": {}}
+            for name in self._layer_names:
+                if name in fields:
+                    layer, kind = self._layer_names[name]
+                    layers[kind][layer] = fields.pop(name)
+            fields["layer_features"] = layers["features"]
+            fields["layer_feature_scales"] = layers["scales"] or None
         sample_id = self.indexes[block.shard].sample_ids[row]
         return CachedSample(sample_id=sample_id, shard=block.shard, row=row, encoding=self.manifest.features.encoding,
                             **fields)
@@ -258,6 +292,10 @@ class CacheReader:
         row_dict = self._tables[name].slice(row, 1).to_pylist()[0]
         row_dict["messages"] = json.loads(row_dict["messages"])
         return row_dict
+
+    def require_layers(self, wanted: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        """`schemas.require_layers` for this cache: its layers (or `wanted`), else a ValueError saying what to do."""
+        return require_layers(self.manifest, wanted, str(self.root))
 
     def head_path(self) -> Path:
         return self.root / HEAD_FILE

@@ -26,7 +26,6 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from schemas import (
-    ARRAY_SPECS,
     ARRAYS_DIR,
     CODEC_NAMES,
     INDEX_FILE,
@@ -37,6 +36,7 @@ from schemas import (
     ArrayRecord,
     CacheManifest,
     ShardIndex,
+    array_spec,
 )
 from pipeline.store.fsutil import dir_bytes, files_under, sha256_file
 
@@ -95,6 +95,7 @@ def write_shard(
         rejected_ids=tuple(r["sample_id"] for r in rejects),
         arrays=records,
         files={str(p): sha256_file(folder / p) for p in files_under(folder)},
+        format_version=manifest.format_version,
     )
     index.check_against(manifest, f"shard {name} (being written)")
     (folder / INDEX_FILE).write_text(json.dumps(index.to_dict(), indent=1))
@@ -103,7 +104,7 @@ def write_shard(
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, manifest: CacheManifest) -> None:
     storage = manifest.storage
-    codec_name = storage.codecs[ARRAY_SPECS[name].group]
+    codec_name = storage.codecs[array_spec(name).group]
     rows = storage.chunk_tokens
     chunks = (rows,) + data.shape[1:]
     shards = (max(1, math.ceil(data.shape[0] / rows)) * rows,) + data.shape[1:]

@@ -36,7 +36,9 @@ from schemas import (
     SHARDS_DIR,
     TMP_PREFIX,
     CacheManifest,
+    as_format_version,
     expected_arrays,
+    layer_array_names,
     read_manifest,
 )
 from pipeline import __version__
@@ -67,6 +69,8 @@ class TeacherSample:
     question_features: Any = None  # [q, d] or None
     feature_scales: Any = None  # given only with already-encoded lossy features (payload in `features`)
     question_feature_scales: Any = None
+    layer_features: dict[int, Any] | None = None  # layer l -> [n, d] at the rows of `features`, one per manifest layer
+    layer_feature_scales: dict[int, Any] | None = None  # given only with already-encoded lossy layer features
     source: str = ""
     images: list[str] = field(default_factory=list)
     messages: Any = field(default_factory=list)  # list of turns, or their JSON text
@@ -165,6 +169,18 @@ class CacheWriter:
             out["topk_ids"] = _matrix(where, "topk_ids", s.topk_ids, (n, k), np.int32)
             out["topk_logprobs"] = _matrix(where, "topk_logprobs", s.topk_logprobs, (n, k), m.topk.logprob_dtype)
             out["tail_logmass"] = _vector(where, "tail_logmass", s.tail_logmass, n, np.float32)
+        given = dict(s.layer_features or {})
+        if sorted(given) != list(m.layers):
+            raise ValueError(f"{where}: the cache stores layers {list(m.layers)}; this sample brings layer features "
+                             f"for {sorted(given)}")
+        for layer in m.layers:
+            name, scales_name = layer_array_names(layer)
+            scale = (s.layer_feature_scales or {}).get(layer)
+            payload, scale = self._encode(f"{where} (layer {layer})", given[layer], scale)
+            _expect_shape(where, name, payload, (n, d))
+            out[name] = payload
+            if scale is not None:
+                out[scales_name] = _vector(where, scales_name, scale, n, np.float32)
         qf = s.question_features if s.question_features is not None else np.zeros((0, d), np.float32)
         qfeats, qscales = self._encode(f"{where} (question features)", qf, s.question_feature_scales)
         _expect_shape(where, "question_features", qfeats, (len(qfeats), d))
@@ -280,6 +296,9 @@ def ensure_manifest(root: Path, manifest: CacheManifest) -> CacheManifest:
     if create_exclusive(root / MANIFEST_FILE, payload):
         return stamped
     existing = read_manifest(root)
+    # an older cache is resumed in its own version when this run needs nothing newer (a version-1 cache is a
+    # version-2 cache without layers); its new shards are then written in that version too
+    stamped = as_format_version(stamped, existing.format_version)
     existing.check_compatible(stamped, str(root / MANIFEST_FILE))
     return existing
 

@@ -227,6 +227,21 @@ def load_vlm(
     return LoadedVLM(model, processor, tokenizer, str(name), path, config.model_type, torch_dtype)
 
 
+def decoder_layer_count(name: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """Decoder layers of a VLM's text stack as `vlm_parts` finds them, without loading weights: the model is built
+    from its config on the meta device (seconds even for a 72B model), so a dump can check `--layers` first."""
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model(name)
+    config, _ = _check_source(str(name), path, revision, trust_remote_code)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r} ({path}) cannot be built from its config: {exc}") from exc
+    return len(vlm_parts(skeleton).layers)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Body / head split
 

@@ -223,14 +223,52 @@ def describe(parts: VLMParts) -> str:
 def body_forward(model, **inputs) -> torch.Tensor:
     """The VLM without its lm_head: final hidden states [batch, seq, d] (after the final norm), from the
     declared base model (`model.base_model`, which every ...ForConditionalGeneration wraps its head around)."""
+    return body_forward_with_layers(model, (), **inputs)[0]
+
+
+def body_forward_with_layers(model, layers, **inputs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """`body_forward`, plus the hidden states [batch, seq, d] of intermediate `layers` from the same forward.
+
+    Layer l is transformers' `output_hidden_states` index l: `model(..., output_hidden_states=True).hidden_states[l]`
+    is the input of decoder layer 0 for l = 0 and, for 1 <= l < num_hidden_layers, the output of decoder block l - 1
+    (transformers records it with a forward hook on each block; older code appended it after each block); index
+    num_hidden_layers is the final state after the norm, which is what this returns first. So 1 <= l <
+    num_hidden_layers, and a forward hook on block l - 1 of `vlm_parts(model).layers` catches exactly that state,
+    keeping only the chosen layers (not all of them, as output_hidden_states would: 81 x [batch, seq, 8192] for a
+    72B teacher)."""
     for key in ("logits_to_keep", "output_hidden_states", "return_dict"):
         inputs.pop(key, None)
     inputs.setdefault("use_cache", False)
-    base = getattr(model, "base_model", model)
-    if base is not model:
-        out = base(**model_inputs(base, inputs))
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return model(**model_inputs(model, inputs), output_hidden_states=True).hidden_states[-1]
+    blocks = vlm_parts(model).layers if layers else []
+    bad = [l for l in layers if not 1 <= l < len(blocks)]
+    if bad:
+        raise ValueError(f"intermediate layers {bad} outside 1..{len(blocks) - 1} ({len(blocks)} decoder layers; "
+                         f"{len(blocks)} is the final layer)")
+    caught: dict[int, torch.Tensor] = {}
+
+    def catch(layer):
+        def hook(module, args, output):
+            if layer in caught:
+                raise RuntimeError(f"decoder layer {layer - 1} ran twice in one forward; cannot tell which output is "
+                                   f"hidden state {layer}")
+            caught[layer] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [blocks[l - 1].register_forward_hook(catch(l)) for l in layers]
+    try:
+        base = getattr(model, "base_model", model)
+        if base is not model:
+            out = base(**model_inputs(base, inputs))
+            final = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        else:
+            final = model(**model_inputs(model, inputs), output_hidden_states=True).hidden_states[-1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [l for l in layers if l not in caught]
+    if missing:
+        raise RuntimeError(f"decoder layers {[l - 1 for l in missing]} did not run in the forward")
+    return final, {l: caught[l] for l in layers}
 
 
 def scale_and_cap(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
