@@ -3,6 +3,8 @@ Recalibrator's weights.
 
     OUT/stage{N}/                     stock HF folder: model safetensors, config, processor/tokenizer, chat template
     OUT/stage{N}/recalibrator/        model.safetensors + recalibrator.json (stages 1-2)
+    OUT/stage{N}/teacher_verbalizers/ model.safetensors + verbalizers.json (--method vlsi stages 1-2; also
+    OUT/stage{N}/student_verbalizers/ student/vlsi.py), the teacher's reusable by later runs
     OUT/stage{N}/trainer_state/       optimizer, scheduler position, RNG, data order (for --resume)
     OUT/stage{N}/train_config.json    the resolved configuration
     OUT/stage{N}/metrics.jsonl        one line per optimizer step
@@ -57,7 +59,7 @@ def stage_dir(cfg: TrainConfig, stage: int | None = None) -> Path:
 
 def student_source(cfg: TrainConfig) -> str:
     """Stage 1 starts from --student; later stages from the previous stage's output."""
-    if cfg.stage == 1 or cfg.from_student or cfg.data or cfg.method == "uld":
+    if cfg.stage == 1 or cfg.from_student or cfg.data or cfg.method in ("uld", "kd"):
         return cfg.student
     previous = stage_dir(cfg, cfg.stage - 1)
     if not (previous / FINISHED_FILE).exists():
@@ -83,18 +85,20 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int, identity: str) -> None:
+def save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int, identity: str,
+                    extras: dict | None = None) -> None:
     """Write the whole stage folder under a temporary name, then swap it in (a crash keeps the old one).
     Every rank takes part (an FSDP student is gathered); rank 0 writes. `identity`: `source_identity`
-    of what the run trains on, checked on --resume."""
+    of what the run trains on, checked on --resume. `extras`: more folders beside the model, name ->
+    a module with `save(folder)` (VLsI's verbalizers)."""
     model_state = full_student_state(vlm.model, cfg.fsdp)
     optim_state = optimizer_state(parts, optimizer, cfg.fsdp)
     if rank == 0:
-        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity)
+        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity, extras or {})
     distributed.barrier()
 
 
-def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity) -> None:
+def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity, extras=None) -> None:
     out = stage_dir(cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +106,8 @@ def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, i
     save_processor(vlm.processor, tmp)
     if rec is not None:
         save_recalibrator(rec, tmp / RECALIBRATOR_DIR)
+    for name, module in (extras or {}).items():
+        module.save(tmp / name)
     (tmp / STATE_DIR).mkdir()
     torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
                 "cache_identity": identity, "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")

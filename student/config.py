@@ -32,6 +32,12 @@ class LossConfig:
     """Softmax temperature of the KL terms."""
     uld_weight: float = 1.0
     """--method uld: weight of the ULD distance (sorted-probability L1 to the teacher's cached top-k)."""
+    kd_weight: float = 1.0
+    """--method kd: weight of the forward KL(teacher's cached top-k + tail || student); --method vlsi stage 2:
+    weight of the last-layer KL(teacher head on the cached final features || student)."""
+    verbalizer_kl_weight: float = 1.0
+    """--method vlsi stage 2: weight of the layer KL, KL(teacher verbalized || student verbalized) averaged over
+    the matched layer pairs."""
     layout: Literal["student-last-prompt", "teacher-last-prompt"] = "student-last-prompt"
     """Whose last prompt position predicts the first answer token through the Recalibrator.
     student-last-prompt: the student's, so the Recalibrator needs the student's question (see student/step.py);
@@ -51,10 +57,14 @@ class TrainConfig:
     """Run folder; stage N writes OUT/stage{N}."""
     stage: int
     """1: Recalibrator only; 2: student (but its vision encoder) + Recalibrator; 3: plain SFT of the student."""
-    method: Literal["genrecal", "uld"] = "genrecal"
-    """genrecal: the Recalibrator and the frozen teacher head (stages 1-3); uld: the cross-tokenizer baseline
-    Universal Logit Distillation, stage 2 only, from --student with no Recalibrator (the student's CE plus
-    the sorted-probability L1 to the cached top-k, weight --uld-weight)."""
+    method: Literal["genrecal", "uld", "kd", "vlsi"] = "genrecal"
+    """genrecal: the Recalibrator and the frozen teacher head (stages 1-3), any tokenizer pair; uld: the
+    cross-tokenizer baseline Universal Logit Distillation, stage 2 only, from --student with no Recalibrator (the
+    student's CE plus the sorted-probability L1 to the cached top-k, weight --uld-weight); kd: plain logit
+    distillation for a student with the teacher's tokenizer, stage 2 only, from --student (the student's CE plus
+    KL to the cached top-k + tail, weight --kd-weight); vlsi: verbalized layer-wise distillation (VLsI) for a
+    student with the teacher's tokenizer and a cache with intermediate layers (stage 1: verbalizers; 2: layer
+    matching; 3: SFT)."""
     steps: int = 100
     """Optimizer steps of this stage."""
     batch_size: int = 8
@@ -114,17 +124,53 @@ class TrainConfig:
     frozen). Stage 1 trains the Recalibrator only, so there it changes nothing."""
     tensorboard: bool = False
     """Also write the metrics to OUT/tensorboard/stage{N} (needs the tensorboard package)."""
+    student_layers: str | None = None
+    """--method vlsi: the student layers that get verbalizers, comma-separated hidden_states indices (1 .. the
+    student's depth - 1, increasing; e.g. 4,8,12). Default: evenly spaced over the student's depth, as many as
+    the cache has teacher layers."""
+    match_window: int = 2
+    """--method vlsi stage 2: each student layer, in order, picks among the MATCH_WINDOW cached teacher layers right
+    after the previous student layer's match (the first one: the first MATCH_WINDOW) the one of smallest KL."""
+    teacher_verbalizers: str | None = None
+    """--method vlsi: a teacher_verbalizers folder written by an earlier run on this cache (OUT/stage1/
+    teacher_verbalizers): stage 1 loads it and trains only the student's verbalizers; stage 2 uses it instead
+    of OUT/stage1's."""
 
     def __post_init__(self):
         if self.stage not in (1, 2, 3):
             raise ValueError(f"--stage must be 1, 2 or 3, not {self.stage}")
         if (self.cache is None) == (self.data is None):
             raise ValueError("give either a teacher cache (--cache) or, for stage 3, a data source (--data)")
-        if self.method == "uld" and (self.stage != 2 or self.cache is None):
-            raise ValueError("--method uld is a stage-2 run against a teacher cache: use --stage 2 --cache CACHE "
-                             "(it starts from --student; a stage 3 may follow it)")
+        if self.method in ("uld", "kd") and (self.stage != 2 or self.cache is None):
+            raise ValueError(f"--method {self.method} is a stage-2 run against a teacher cache: use --stage 2 --cache "
+                             "CACHE (it starts from --student; a stage 3 may follow it)")
+        if self.method == "vlsi":
+            _check_vlsi_options(self)
+        elif self.student_layers is not None or self.teacher_verbalizers is not None:
+            raise ValueError("--student-layers and --teacher-verbalizers are --method vlsi options")
         if self.data is not None and self.stage != 3:
             raise ValueError("--data (SFT on a data source) is stage 3 only; stages 1-2 need a teacher cache")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_vlsi_options(cfg: TrainConfig) -> None:
+    if cfg.fsdp:
+        raise ValueError("--method vlsi does not support --fsdp yet (its verbalizers read the student's head "
+                         "weights directly); use data parallel (torchrun without --fsdp)")
+    if cfg.match_window < 1:
+        raise ValueError(f"--match-window must be at least 1, not {cfg.match_window}")
+    if cfg.student_layers is not None:
+        parse_layers(cfg.student_layers)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'4,8,12' -> (4, 8, 12); increasing positive integers, else ValueError."""
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--student-layers {text!r}: give comma-separated layer indices, e.g. 4,8,12") from None
+    if not layers or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"--student-layers {text!r}: the layer indices must be positive and increasing")
+    return layers

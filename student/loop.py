@@ -23,14 +23,18 @@ from student.config import TrainConfig
 from student.metrics_log import MetricsLog
 from student.recalibrator import Recalibrator
 from student.scale import autocast, clip_gradients
-from student.step import genrecal_losses, student_ce, student_forward, uld_losses
+from student.step import genrecal_losses, kd_losses, student_ce, student_forward, uld_losses
+from student.vlsi_step import VLsIParts, vlsi_losses
+from student.vlsi_train import verbalizer_modules
 
 STAGE_TERMS = {
     1: ("ce", "kl", "reg_ce", "reg_kl", "total"),
     2: ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total"),
     3: ("student_ce", "total"),
 }
-METHOD_TERMS = {"uld": ("student_ce", "uld", "total")}  # methods whose terms do not follow the stage
+METHOD_TERMS = {"uld": ("student_ce", "uld", "total"), "kd": ("student_ce", "kd", "total")}  # not by stage
+VLSI_TERMS = {1: ("teacher_verbalizer_ce", "student_verbalizer_ce", "total"),
+              2: ("layer_kl", "last_kl", "student_ce", "total")}  # stage 2 adds match_s{l} per student layer
 
 
 @dataclass
@@ -52,13 +56,14 @@ class Training:
     replicated: list  # parameters whose gradients are averaged by hand across ranks
     identity: str  # what the run trains on (student.checkpoint.source_identity)
     rank: int = 0
+    vlsi: VLsIParts | None = None  # --method vlsi stages 1-2: both sides' verbalizers
 
 
 def run_loop(t: Training, log: MetricsLog | None, progress: bool, stop_after: int | None = None) -> list[dict]:
     """Optimizer steps from `t.step` to `cfg.steps` (or `stop_after` of them, tests), each logged to `log`
     (rank 0; None elsewhere), checkpointing every `save_every` steps and at the end; returns the records."""
     cfg, step = t.cfg, t.step
-    run = _Run(cfg, t.vlm.model, t.rec, t.head, t.bf16, t.replicated, t.params)
+    run = _Run(cfg, t.vlm.model, t.rec, t.head, t.bf16, t.replicated, t.params, t.vlsi)
     metrics, bar = [], _bar(cfg, step, progress)
     while step < cfg.steps and (stop_after is None or len(metrics) < stop_after):
         record = run.optimizer_step(t.batches, step, t.optimizer)
@@ -72,7 +77,8 @@ def run_loop(t: Training, log: MetricsLog | None, progress: bool, stop_after: in
             bar.update(1)
             bar.set_postfix(loss=f"{record['total']:.3f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0) or len(metrics) == stop_after:
-            save_checkpoint(cfg, t.vlm, t.rec, t.parts, t.optimizer, t.schedule, step, t.rank, t.identity)
+            save_checkpoint(cfg, t.vlm, t.rec, t.parts, t.optimizer, t.schedule, step, t.rank, t.identity,
+                            verbalizer_modules(t.vlsi))
     t.step = step
     if bar is not None:
         bar.close()
@@ -82,8 +88,9 @@ def run_loop(t: Training, log: MetricsLog | None, progress: bool, stop_after: in
 class _Run:
     """What one optimizer step needs, fixed for the whole stage."""
 
-    def __init__(self, cfg: TrainConfig, student, rec, head, bf16: bool, replicated: list, params: list):
-        self.cfg, self.student, self.rec, self.head, self.bf16 = cfg, student, rec, head, bf16
+    def __init__(self, cfg: TrainConfig, student, rec, head, bf16: bool, replicated: list, params: list,
+                 vlsi: VLsIParts | None = None):
+        self.cfg, self.student, self.rec, self.head, self.bf16, self.vlsi = cfg, student, rec, head, bf16, vlsi
         self.replicated, self.params = replicated, params  # gradients averaged by hand / all trainable
 
     def optimizer_step(self, batches, step: int, optimizer) -> dict:
@@ -91,7 +98,7 @@ class _Run:
         cfg, device = self.cfg, self.student.device
         # a fixed set of terms (0 where a micro-batch has none, e.g. no question features), so that
         # accumulation and the mean over ranks agree
-        totals = dict.fromkeys(METHOD_TERMS.get(cfg.method, STAGE_TERMS[cfg.stage]), 0.0)
+        totals = dict.fromkeys(_term_names(cfg), 0.0)
         measure = self.rec is not None and cfg.attention_every > 0 and step % cfg.attention_every == 0  # question reliance
         wait, start, tokens = 0.0, time.perf_counter(), 0
         optimizer.zero_grad(set_to_none=True)
@@ -121,14 +128,23 @@ class _Run:
         }
 
     def _terms(self, batch, measure_reliance: bool) -> dict:
-        if self.cfg.method == "uld":
-            return uld_losses(self.student, batch, self.cfg.loss, self.cfg.fsdp)
+        if self.cfg.method in ("uld", "kd"):
+            losses = uld_losses if self.cfg.method == "uld" else kd_losses
+            return losses(self.student, batch, self.cfg.loss, self.cfg.fsdp)
+        if self.vlsi is not None:
+            return vlsi_losses(self.student, self.vlsi, self.head, batch, self.cfg.stage, self.cfg.loss)
         if self.cfg.stage == 3:
             _, logits = student_forward(self.student, batch, True, self.cfg.fsdp)
             loss = student_ce(logits, batch)
             return {"student_ce": loss, "total": loss}
         return genrecal_losses(self.student, self.rec, self.head, batch, self.cfg.stage, self.cfg.loss, measure_reliance,
                                self.cfg.fsdp)
+
+
+def _term_names(cfg: TrainConfig) -> tuple[str, ...]:
+    if cfg.method == "vlsi" and cfg.stage in VLSI_TERMS:
+        return VLSI_TERMS[cfg.stage]
+    return METHOD_TERMS.get(cfg.method, STAGE_TERMS[cfg.stage])
 
 
 def _peak_memory_mb(device) -> float:

@@ -5,10 +5,16 @@
 
     uld = uld_distance(student_logits, TopKTarget(ids, lp, tail))   # ULD baseline: no teacher head at all
 
+    # VLsI: the teacher's distribution from other features through another head (a constant); CE left out
+    _, kl = head_losses(student_head, verbalized, None, HeadTarget(teacher_head, teacher_verbalized), vocab=V)
+    _, kl = logit_losses(student_logits, None, TopKTarget(...), temperature)   # plain KD on given logits
+
 `ce` is CE(head(r), gt_l) and `kl` is KL(teacher || head(r)) (forward KL, teacher first),
 both averaged over positions. The head is applied `chunk_tokens` positions at a time and
 each chunk's gradient with respect to r is computed right away, so no [tokens x vocab]
-tensor larger than one chunk is alive in the forward or the backward pass.
+tensor larger than one chunk is alive in the forward or the backward pass. The head's own
+weights get no gradient on this path (it is frozen). `vocab` cuts both sides' logits to their
+first `vocab` ids before the softmax (heads with padding rows beyond the shared tokenizer).
 """
 
 from __future__ import annotations
@@ -38,32 +44,79 @@ class TopKTarget:
         return TopKTarget(*(torch.cat([getattr(p, f) for p in parts]).to(device) for f in ("ids", "logprobs", "tail_logmass")))
 
 
+@dataclass
+class HeadTarget:
+    """A teacher distribution from `features` [T, d] through their own `head` (anything with `.logits`,
+    e.g. a TeacherHead): softmax(head.logits(features)[:, :vocab] / temperature), computed chunk by chunk
+    and held constant (no gradient reaches the features or the head)."""
+
+    head: object
+    features: torch.Tensor
+
+    def slice(self, s: slice) -> "HeadTarget":
+        return HeadTarget(self.head, self.features[s])
+
+
 def head_losses(
     head: TeacherHead,
     r: torch.Tensor,
-    targets: torch.Tensor,
-    teacher: torch.Tensor | TopKTarget,
+    targets: torch.Tensor | None,
+    teacher: torch.Tensor | TopKTarget | HeadTarget | None,
     chunk_tokens: int = 1024,
     temperature: float = 1.0,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean CE, mean KL) over the T positions of r [T, d_teacher]; gradients flow into r only."""
-    ce_sum, kl_sum = _ChunkedHeadLoss.apply(r, targets, teacher, head, chunk_tokens, temperature)
-    n = max(len(targets), 1)
+    """(mean CE, mean KL) over the T positions of r [T, d]; gradients flow into r only. `teacher`: cached
+    features through the same head, the cached top-k + tail, features through another head (HeadTarget),
+    or None (no KL: 0). `targets` None: no CE (0)."""
+    ce_sum, kl_sum = _ChunkedHeadLoss.apply(r, targets, teacher, head, chunk_tokens, temperature, vocab)
+    n = max(len(r), 1)
     return ce_sum / n, kl_sum / n
 
 
-def chunk_losses(head: TeacherHead, x: torch.Tensor, targets, teacher, temperature: float):
+@torch.no_grad()
+def head_loss_values(head, r, targets, teacher, chunk_tokens: int = 1024, temperature: float = 1.0,
+                     vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values of `head_losses` alone, chunk by chunk, without any gradient (e.g. to choose a term)."""
+    ce, kl = r.new_zeros((), dtype=torch.float32), r.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(r), chunk_tokens):
+        s = slice(start, start + chunk_tokens)
+        c, k = chunk_losses(head, r[s], None if targets is None else targets[s], _slice(teacher, s), temperature, vocab)
+        ce, kl = ce + c, kl + k
+    n = max(len(r), 1)
+    return ce / n, kl / n
+
+
+def chunk_losses(head: TeacherHead, x: torch.Tensor, targets, teacher, temperature: float, vocab: int | None = None):
     """(CE sum, KL sum) of one chunk with plain autograd ops: also the naive reference when used on all of r."""
-    logits = head.logits(x)
-    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if isinstance(teacher, torch.Tensor):  # cached features through the same head
+        teacher = HeadTarget(head, teacher)
+    return logit_losses(head.logits(x), targets, teacher, temperature, vocab)
+
+
+def logit_losses(logits: torch.Tensor, targets, teacher: TopKTarget | HeadTarget | None, temperature: float,
+                 vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE sum, KL(teacher || softmax(logits / temperature)) sum) of given logits [T, V], plain autograd.
+    `vocab`: only the first `vocab` ids of either side count (the teacher's HeadTarget logits are cut too)."""
+    if vocab is not None:
+        logits = logits[:, :vocab]
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = zero if targets is None else F.cross_entropy(logits, targets, reduction="sum")
+    if teacher is None:
+        return ce, zero
     student_logprobs = torch.log_softmax(logits / temperature, dim=-1)
     if isinstance(teacher, TopKTarget):
-        kl = topk_tail_kl(student_logprobs, teacher)
-    else:
-        with torch.no_grad():
-            teacher_logprobs = torch.log_softmax(head.logits(teacher) / temperature, dim=-1)
-        kl = F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="sum")
-    return ce, kl
+        return ce, topk_tail_kl(student_logprobs, teacher)
+    with torch.no_grad():
+        teacher_logits = teacher.head.logits(teacher.features)
+        if vocab is not None:
+            teacher_logits = teacher_logits[:, :vocab]
+        teacher_logprobs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    return ce, F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="sum")
+
+
+def _slice(teacher, s: slice):
+    return None if teacher is None else teacher.slice(s) if isinstance(teacher, (TopKTarget, HeadTarget)) else teacher[s]
 
 
 def topk_tail_kl(student_logprobs: torch.Tensor, teacher: TopKTarget) -> torch.Tensor:
@@ -106,16 +159,16 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, targets, teacher, head, chunk_tokens, temperature):
+    def forward(ctx, r, targets, teacher, head, chunk_tokens, temperature, vocab):
         grad_ce, grad_kl = torch.zeros_like(r), torch.zeros_like(r)
         ce_total = r.new_zeros((), dtype=torch.float32)
         kl_total = r.new_zeros((), dtype=torch.float32)
         for start in range(0, len(r), chunk_tokens):
             s = slice(start, start + chunk_tokens)
-            part = teacher.slice(s) if isinstance(teacher, TopKTarget) else teacher[s]
             with torch.enable_grad():
                 x = r[s].detach().requires_grad_(True)
-                ce, kl = chunk_losses(head, x, targets[s], part, temperature)
+                ce, kl = chunk_losses(head, x, None if targets is None else targets[s], _slice(teacher, s),
+                                      temperature, vocab)
                 g_ce, g_kl = _grads(ce, kl, x)
             grad_ce[s], grad_kl[s] = g_ce, g_kl
             ce_total += ce.detach()
@@ -127,10 +180,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_ce_out, grad_kl_out):
         grad_ce, grad_kl = ctx.saved_tensors
         grad_r = grad_ce * grad_ce_out.to(grad_ce.dtype) + grad_kl * grad_kl_out.to(grad_kl.dtype)
-        return grad_r, None, None, None, None, None
+        return grad_r, None, None, None, None, None, None
 
 
 def _grads(ce: torch.Tensor, kl: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    g_ce = torch.autograd.grad(ce, x, retain_graph=True)[0]
-    g_kl = torch.autograd.grad(kl, x)[0]
+    """d ce / dx and d kl / dx; a term that was not computed (a constant 0) has a zero gradient."""
+    g_ce = torch.autograd.grad(ce, x, retain_graph=True)[0] if ce.requires_grad else torch.zeros_like(x)
+    g_kl = torch.autograd.grad(kl, x)[0] if kl.requires_grad else torch.zeros_like(x)
     return g_ce, g_kl

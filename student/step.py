@@ -28,7 +28,7 @@ from pipeline.vlm.parts import model_inputs
 from student.batches import StudentBatch
 from student.config import LossConfig
 from student.diagnostics import question_reliance
-from student.losses import TopKTarget, head_losses, uld_distance
+from student.losses import TopKTarget, head_losses, logit_losses, uld_distance
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
 
 
@@ -77,21 +77,52 @@ def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fa
     ULD distance between its answer-position distributions and the teacher's cached top-k, positions
     paired by index within each answer and cut to the shorter of the two (student/losses.py `uld_distance`)."""
     _, logits = student_forward(student, batch, True, sharded)
-    rows, topk = [], []
-    start = 0
-    for item in batch.items:
-        if item.teacher_topk is None:
-            raise ValueError("--method uld needs a cache with top-k log-probs (it was written with --top-k 0)")
-        n = min(len(item.student.answer_ids), len(item.teacher_targets))
-        rows.extend(range(start, start + n))
-        topk.append(item.teacher_topk.slice(slice(0, n)))
-        start += len(item.student.answer_ids)
-    teacher = TopKTarget.cat(topk, logits.device)
+    rows, teacher = paired_topk(batch, logits.device, "uld")
     terms = {"student_ce": student_ce(logits, batch)}
     with torch.autocast(logits.device.type, enabled=False):  # one gather (see student_forward), fp32 distance
-        terms["uld"] = uld_distance(logits[torch.tensor(rows, device=logits.device)], teacher) / max(len(rows), 1)
+        terms["uld"] = uld_distance(logits[rows], teacher) / max(len(rows), 1)
     terms["total"] = cfg.student_ce_weight * terms["student_ce"] + cfg.uld_weight * terms["uld"]
     return terms
+
+
+def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = False) -> dict:
+    """Plain logit KD (`--method kd`, a student with the teacher's tokenizer; no Recalibrator, no teacher head):
+    the student's own CE plus `kd_weight` x KL(teacher || student), forward KL, over the k+1 buckets of the
+    cached top-k ids and one tail bucket (student/losses.py `logit_losses` -> `topk_tail_kl`, the same term as
+    GenRecal's `--teacher-distribution topk`). Positions are paired by index and cut to the shorter answer. The
+    cached log-probs are at temperature 1, so `temperature` scales the student's side only."""
+    _, logits = student_forward(student, batch, True, sharded)
+    rows, teacher = paired_topk(batch, logits.device, "kd")
+    terms = {"student_ce": student_ce(logits, batch)}
+    with torch.autocast(logits.device.type, enabled=False):
+        _, kl = logit_losses(logits[rows].float(), None, teacher, cfg.temperature)
+    terms["kd"] = kl / max(len(rows), 1)
+    terms["total"] = cfg.student_ce_weight * terms["student_ce"] + cfg.kd_weight * terms["kd"]
+    return terms
+
+
+def paired_rows(batch: StudentBatch) -> tuple[list[int], list[int]]:
+    """(rows of the student's answer-position logits, rows of the teacher's cached arrays) paired by index
+    within each answer, cut to the shorter of the two answers: row t of both predicts answer token t."""
+    s_rows, t_rows = [], []
+    s_start = t_start = 0
+    for item in batch.items:
+        n_s, n_t = len(item.student.answer_ids), len(item.teacher_targets)
+        n = min(n_s, n_t)
+        s_rows.extend(range(s_start, s_start + n))
+        t_rows.extend(range(t_start, t_start + n))
+        s_start, t_start = s_start + n_s, t_start + n_t
+    return s_rows, t_rows
+
+
+def paired_topk(batch: StudentBatch, device, method: str) -> tuple[torch.Tensor, TopKTarget]:
+    """(student logit rows, the teacher's cached top-k at the paired rows), see `paired_rows`."""
+    if any(item.teacher_topk is None for item in batch.items):
+        raise ValueError(f"--method {method} needs a cache with top-k log-probs (it was written with --top-k 0)")
+    s_rows, t_rows = paired_rows(batch)
+    teacher = TopKTarget.cat([item.teacher_topk for item in batch.items], device)
+    t_rows = torch.tensor(t_rows, dtype=torch.long, device=device)
+    return torch.tensor(s_rows, dtype=torch.long, device=device), teacher.slice(t_rows)
 
 
 def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bool = False):
@@ -102,6 +133,12 @@ def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bo
     applied to the answer-predicting positions only; an FSDP-sharded head can only run inside that
     forward, which is then asked for the span of positions that holds them (`logits_to_keep`).
     """
+    hidden_states, logits = student_forward_all(student, batch, with_logits, sharded)
+    return hidden_states[-1], logits
+
+
+def student_forward_all(student, batch: StudentBatch, with_logits: bool, sharded: bool = False):
+    """`student_forward` with every layer's hidden states: (transformers' hidden_states tuple, logits or None)."""
     rows, cols = _answer_positions(batch)
     device = batch.inputs["input_ids"].device
     rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
@@ -109,12 +146,11 @@ def student_forward(student, batch: StudentBatch, with_logits: bool, sharded: bo
     keep = torch.arange(first, int(cols.max()) + 1, device=device) if with_logits and sharded else 1
     inputs = model_inputs(student, batch.inputs)  # processors' extra keys (labels, ...) stay out
     out = student(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=keep)
-    hidden = out.hidden_states[-1]
     if not with_logits:
-        return hidden, None
+        return out.hidden_states, None
     # one gather: per-sample slices would each add a full-size zero gradient in the backward pass
-    logits = out.logits[rows, cols - first] if sharded else head_logits(student, hidden[rows, cols])
-    return hidden, logits
+    logits = out.logits[rows, cols - first] if sharded else head_logits(student, out.hidden_states[-1][rows, cols])
+    return out.hidden_states, logits
 
 
 def student_ce(logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
@@ -122,6 +158,13 @@ def student_ce(logits: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
     logits `student_forward` returns."""
     targets = [t for item in batch.items for t in item.student.answer_ids]
     return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device))
+
+
+def answer_hidden(hidden: torch.Tensor, batch: StudentBatch) -> torch.Tensor:
+    """The rows of `hidden` [B, L, d] at the answer-predicting positions, [answer tokens in the batch, d], in
+    batch order (the rows `student_forward`'s logits come from)."""
+    rows, cols = _answer_positions(batch)
+    return hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
 
 
 def _answer_positions(batch: StudentBatch) -> tuple[list[int], list[int]]:

@@ -41,6 +41,14 @@ from student.metrics_log import MetricsLog
 from student.recalibrator import Recalibrator
 from student.scale import enable_gradient_checkpointing, shard_student, use_bf16
 from student.trainable import trainable_student_parameters
+from student.vlsi_train import (
+    VerbalizerSources,
+    check_same_tokenizer_first,
+    check_vlsi_inputs,
+    set_up_verbalizers,
+    trainable_verbalizers,
+    verbalizer_modules,
+)
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Inputs:
     identity: str  # what the run trains on, recorded in and checked against checkpoints
     state: dict | None  # trainer state to resume from
     model: str  # the folder (or alias / hub id) the student loads from
+    verbalizers: VerbalizerSources | None = None  # --method vlsi stages 1-2: where the verbalizers come from
 
 
 def train_stage(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
@@ -81,14 +90,16 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
         if len(reader) == 0:
             raise ValueError(f"{cfg.cache}: the cache holds no committed samples (every one rejected, or the dump "
                              f"has not committed a shard yet); see `pipeline inspect {cfg.cache} --rejects`")
-        if cfg.stage != 3 and cfg.method == "genrecal":  # SFT and ULD do not use the teacher head
+        if cfg.stage != 3 and cfg.method in ("genrecal", "vlsi"):  # SFT, ULD and KD do not use the teacher head
             check_teacher_head(cfg.cache, reader.manifest)
     else:
         read_samples(cfg.data, cfg.image_root)  # a missing or unreadable data source fails here
     identity = source_identity(cfg, reader.manifest if reader is not None else None)
     state = load_resume_state(out, cfg, identity) if resume else None
     model = str(out) if state else student_source(cfg)  # the previous stage must be finished
-    return Inputs(out, reader, identity, state, model)
+    check_same_tokenizer_first(cfg, reader, model)  # kd, vlsi: before anything else about the student
+    verbalizers = check_vlsi_inputs(cfg, reader, out, state is not None)
+    return Inputs(out, reader, identity, state, model, verbalizers)
 
 
 def set_up(cfg: TrainConfig, inputs: Inputs, rank: int, world: int) -> Training:
@@ -100,17 +111,18 @@ def set_up(cfg: TrainConfig, inputs: Inputs, rank: int, world: int) -> Training:
     student = vlm.model
     _check_student_vocabulary(vlm)
     data = _student_data(cfg, inputs.reader, vlm)
-    uses_head = inputs.reader is not None and cfg.stage != 3 and cfg.method == "genrecal"
+    uses_head = inputs.reader is not None and cfg.stage != 3 and cfg.method in ("genrecal", "vlsi")
     head = _teacher_head(cfg, inputs.reader, device, bf16) if uses_head else None
     rec = _recalibrator(cfg, student, inputs.reader, inputs.out if inputs.state else None, device)
+    vlsi = set_up_verbalizers(cfg, inputs.verbalizers, vlm, inputs.reader.manifest, device) if inputs.verbalizers else None
     if cfg.gradient_checkpointing and cfg.stage in (2, 3):
         enable_gradient_checkpointing(student, rec)
     if cfg.fsdp:
         shard_student(student)  # after the Recalibrator copied its layers from the unsharded student
     student_params = trainable_student_parameters(student, cfg.stage, cfg.train_vision_encoder)
     rec_params = list(rec.parameters()) if rec else []
-    params = student_params + rec_params
-    parts = torch.nn.ModuleDict({"student": student, **({"rec": rec} if rec else {})})
+    params = student_params + rec_params + trainable_verbalizers(vlsi)
+    parts = torch.nn.ModuleDict({"student": student, **({"rec": rec} if rec else {}), **verbalizer_modules(vlsi)})
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(cfg, s))
     step = 0
@@ -121,7 +133,7 @@ def set_up(cfg: TrainConfig, inputs: Inputs, rank: int, world: int) -> Training:
     batches = make_loader(data, cfg, first=step * cfg.grad_accum * world, rank=rank, world=world)
     student.train()
     return Training(cfg, inputs.out, vlm, rec, head, parts, optimizer, schedule, batches, step, bf16, params,
-                    replicated=rec_params if cfg.fsdp else params, identity=inputs.identity, rank=rank)
+                    replicated=rec_params if cfg.fsdp else params, identity=inputs.identity, rank=rank, vlsi=vlsi)
 
 
 def _student_data(cfg: TrainConfig, reader: CacheReader | None, vlm):
@@ -130,7 +142,7 @@ def _student_data(cfg: TrainConfig, reader: CacheReader | None, vlm):
         data = SourceStudentData(cfg.data, vlm.processor, eot, pad_id, cfg.image_root, cfg.data_limit)
     else:
         data = CacheStudentData(reader, vlm.processor, eot, pad_id, cfg.image_root, cfg.sample_ids,
-                                teacher=cfg.stage != 3)
+                                teacher=cfg.stage != 3, layers=cfg.method == "vlsi" and cfg.stage != 3)
     if len(data) == 0:
         raise ValueError(f"{cfg.cache or cfg.data}: no samples to train on (a cache whose samples were all rejected? "
                          "see `pipeline inspect`)")
