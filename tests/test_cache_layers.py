@@ -57,7 +57,10 @@ def direct_hidden_states(vlm, reader, sid):
 
 
 # -- the forward ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family, tokenizer", [("qwen2-vl-tiny", "qwen2"), ("llava-onevision-tiny", "tiny-bpe")])
+# Qwen3-VL adds its deepstack visual features between blocks, Gemma 3 mixes sliding and global layers: the index
+# convention holds there too (checked once on every family of pipeline/vlm/tiny.py FAMILIES: all 11 equal).
+@pytest.mark.parametrize("family, tokenizer", [("qwen2-vl-tiny", "qwen2"), ("llava-onevision-tiny", "tiny-bpe"),
+                                               ("qwen3-vl-tiny", "tiny-bpe"), ("gemma3-tiny", "tiny-bpe")])
 def test_hooked_layers_are_output_hidden_states_of_the_same_index(tiny_vlm, tiny_image, family, tokenizer):
     from tests.tiny_fixtures import tiny_inputs
 
@@ -340,3 +343,15 @@ def test_student_items_carry_the_layers_and_pickle(layer_cache, pair_student, tm
     as_version_1(v1)
     with pytest.raises(ValueError, match="none: written before format 2 or without --layers"):
         CacheStudentData(v1, *args, layers=True)
+
+
+def test_bad_layers_fail_before_the_vllm_phase(tmp_path, layer_cache, monkeypatch):
+    """vLLM answers every sample before the teacher loads: --layers is checked first, from the config alone."""
+    import pipeline.dump
+
+    model_dir, _ = layer_cache
+    monkeypatch.setattr(pipeline.dump, "resolve_backend", lambda name: "vllm")
+    monkeypatch.setattr(pipeline.dump, "generate_with_vllm", lambda *a, **k: pytest.fail("generation ran"))
+    with pytest.raises(LayerChoiceError, match=r"are 1\.\.3"):
+        dump(model_dir, tmp_path / "c", limit=2, responses="generate", backend="vllm", layers=(2, 5))
+    assert not (tmp_path / "c").exists()
