@@ -98,7 +98,7 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
     state = load_resume_state(out, cfg, identity) if resume else None
     model = str(out) if state else student_source(cfg)  # the previous stage must be finished
     check_same_tokenizer_first(cfg, reader, model)  # kd, vlsi: before anything else about the student
-    verbalizers = check_vlsi_inputs(cfg, reader, out, state is not None)
+    verbalizers = check_vlsi_inputs(cfg, reader, out, state is not None, model)
     return Inputs(out, reader, identity, state, model, verbalizers)
 
 

@@ -12,7 +12,10 @@ side needs, so the teacher model is never loaded:
    against its answer ids). Both backbones are frozen.
 2. stage 2: each chosen student layer, in order, is matched to a cached teacher layer (`match_layers`) and
    pulled towards it by KL(teacher verbalized || student verbalized); plus the last-layer KL and the student's
-   CE. The student trains (all but its vision encoder) with its verbalizers; the teacher's stay frozen.
+   CE. The student trains (all but its vision encoder, unless --train-vision-encoder) with its verbalizers; the
+   teacher's stay frozen. The paper trains the student with LoRA; here it is a full update, as in every other
+   method of this project (GenRecal's stage 2, KD, ULD, SFT), so that one cache compares them like for like, and
+   because peft is not a dependency. LoRA through peft is left as an option for later.
 3. stage 3: plain SFT of the student (the stage-3 path every method shares).
 
 Layer indices are transformers' `output_hidden_states` indices on both sides: hidden_states[l] for

@@ -1,4 +1,4 @@
-"""One VLsI loss evaluation on a batch (student/vlsi.py has the method; docs/method.md, "VLsI").
+"""One VLsI loss evaluation on a batch (the method and its stages: student/vlsi.py).
 
 Stage 1 (both backbones frozen):
   teacher_verbalizer_ce = mean over cached teacher layers L of CE(teacher head(V_L(z_L)), gt_l)
@@ -9,6 +9,8 @@ Stage 2 (the student and its verbalizers train; the teacher's verbalizers are fr
   last_kl    = KL(teacher head(z_final) || student logits)   (--teacher-distribution topk: the cached top-k + tail)
   student_ce = the student's CE on its answer tokens
   total      = verbalizer_kl_weight * layer_kl + kd_weight * last_kl + student_ce_weight * student_ce
+  match_s{l} = the teacher layer (hidden_states index) student layer l matched on this batch; a metric, not a
+               loss (with --grad-accum or several ranks, metrics.jsonl holds its mean over the step's micro-batches)
 
 Every head term goes through student/losses.py: the verbalizer terms in chunks with the head frozen
 (`head_losses`; the teacher side of a KL is a constant `HeadTarget`), the last-layer terms on the student's

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.vlm.models import decoder_layer_count
 from pipeline.vlm.parts import vlm_parts
 from student.checkpoint import stage_dir
 from student.config import TrainConfig, parse_layers
@@ -42,7 +43,7 @@ def check_same_tokenizer_first(cfg: TrainConfig, reader, model: str) -> None:
         check_same_tokenizer(load_tokenizer(model), reader.manifest, cfg.cache, model, cfg.method)
 
 
-def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool) -> VerbalizerSources | None:
+def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool, model: str) -> VerbalizerSources | None:
     """The cache's layers and the verbalizer folders a VLsI stage 1-2 needs (None for other runs); raises
     ValueError / FileNotFoundError before any model loads."""
     if cfg.method != "vlsi" or cfg.stage == 3:
@@ -62,6 +63,8 @@ def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool) -> Ver
     for folder in (teacher, student):
         if folder is not None and not folder.is_dir():
             raise FileNotFoundError(f"{folder}: no verbalizers there (run `student train --method vlsi --stage 1`)")
+    if cfg.student_layers:  # the student's depth from its config alone (a meta-device skeleton, no weights)
+        student_layers(parse_layers(cfg.student_layers), decoder_layer_count(model), layers)
     return VerbalizerSources(teacher, student, layers)
 
 

@@ -276,3 +276,26 @@ def test_a_cache_without_layers_or_verbalizers_is_refused_before_the_student_loa
     with pytest.raises(FileNotFoundError, match="run --stage 1 first"):
         train_stage(config(same_cache, same_student, tmp_path / "run", 2), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_vlsi_options_reach_their_fields_and_bad_student_layers_fail_before_the_student_loads(tmp_path, same_cache,
+                                                                                             same_student, monkeypatch):
+    from click.testing import CliRunner
+
+    from student.cli import main
+
+    seen = []
+    monkeypatch.setattr("student.train.train_stage", lambda cfg, **kw: seen.append(cfg) or [])
+    args = ["train", "--cache", str(same_cache), "--student", "s", "--out", str(tmp_path / "o"), "--stage", "2",
+            "--method", "vlsi", "--student-layers", "1,2", "--match-window", "3", "--teacher-verbalizers", "tv",
+            "--verbalizer-kl-weight", "0.5", "--kd-weight", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    (cfg,) = seen
+    assert (cfg.method, cfg.student_layers, cfg.match_window, cfg.teacher_verbalizers) == ("vlsi", "1,2", 3, "tv")
+    assert (cfg.loss.verbalizer_kl_weight, cfg.loss.kd_weight) == (0.5, 2.0)
+    monkeypatch.undo()
+    monkeypatch.setattr("student.train.load_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"--student-layers 1,3: layers \[3\] are outside 1\.\.2"):
+        train_stage(config(same_cache, same_student, tmp_path / "run", 1, student_layers="1,3"), progress=False)
+    assert not (tmp_path / "run").exists()
