@@ -3,7 +3,8 @@ what it runs on (`Training`) and calls `run_loop`.
 
 Stage 1 trains the Recalibrator only; stage 2 the student (all but the vision encoder) and the
 Recalibrator, with the regularizer and the student's own CE; stage 3 is plain SFT of the student
-on the cache's answers, without Recalibrator.
+on the cache's answers, without Recalibrator. The other methods dispatch in `_Run._terms`: uld and kd
+(student/step.py, stage 2 from --student) and vlsi stages 1-2 (student/vlsi_step.py; its stage 3 is this SFT).
 """
 
 from __future__ import annotations
