@@ -10,7 +10,7 @@ from student.batches import CacheStudentData
 from student.config import LossConfig, TrainConfig
 from student.step import kd_losses
 from student.train import train_stage
-from tests.test_vlsi_pair import same_cache, same_student, same_teacher_dir  # noqa: F401  (fixtures)
+from tests.vlsi_fixtures import same_cache, same_student, same_teacher_dir  # noqa: F401  (fixtures)
 
 
 def _batch(cache, student):

@@ -16,8 +16,8 @@ from student.losses import HeadTarget, head_losses
 from student.train import train_stage
 from student.vlsi import Verbalizers, default_student_layers, match_layers, student_layers
 from student.vlsi_step import matched_layer_kl
-from tests.test_vlsi_pair import TEACHER_LAYERS, same_cache, same_cache_without_layers, same_student  # noqa: F401
-from tests.test_vlsi_pair import same_teacher_dir  # noqa: F401
+from tests.vlsi_fixtures import TEACHER_LAYERS, same_cache, same_cache_without_layers, same_student  # noqa: F401
+from tests.vlsi_fixtures import same_teacher_dir  # noqa: F401
 
 
 def config(cache, student, out, stage, **kw):
