@@ -17,6 +17,9 @@ sft, genrecal, genrecal-old-layout, genrecal-noreg, genrecal-klonly, genrecal-to
 Regimes: the full pool and a low-data one (--low-fraction of it, one fixed subset). The first seed's runs
 record held-out curves. Every finished piece is reused on a rerun (the teacher, the base, the cache, each run).
 Results: bench/results/quality.md, quality.json, quality.png (bench/quality_report.py writes them).
+
+The same-tokenizer pair (the same teacher and pool, a smaller Qwen2-tokenizer student; variants sft, kd, vlsi,
+genrecal) is bench/quality_same_tokenizer.py; `--pairs cross same` (the default) runs both, `--pairs same` only it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ VARIANTS: dict[str, tuple[str, LossConfig | None]] = {  # name -> (method, GenRe
 # follow-ups, not run by default (--variants): the same as their base variant with the student's vision
 # encoder trained too (the method keeps it frozen; this measures how much the frozen encoder bounds the student)
 FOLLOW_UPS = {"sft-vision": "sft", "genrecal-vision": "genrecal"}
+# the methods that need the teacher's tokenizer: the same-tokenizer pair only (bench/quality_same_tokenizer.py)
+SAME_TOKENIZER_ONLY: dict[str, tuple[str, LossConfig | None]] = {"kd": ("kd", None), "vlsi": ("vlsi", None)}
 
 
 @dataclass(frozen=True)
@@ -121,44 +126,55 @@ def teacher(work: Path, s: Settings) -> Path:
     return out / s.teacher_chain[-1] / "stage3"
 
 
-def base_student(work: Path, s: Settings) -> Path:
-    """The demo student (tiny LLaVA, Mistral tokenizer), vision-pretrained and SFT-trained on the labelled slice."""
+def _demo_student(out: Path) -> Path:
     from pipeline.demo.run import build_named
+
+    return build_named("demo-student", out, 0)
+
+
+def base_student(work: Path, s: Settings, base: Path | None = None, build=_demo_student) -> Path:
+    """The student `build(folder)` makes (default: the demo student, tiny LLaVA, Mistral tokenizer), vision-pretrained
+    and SFT-trained on the labelled slice, in `base` (default WORK/base)."""
     from pipeline.vlm.vision_pretrain import pretrain_vision
     from student.checkpoint import FINISHED_FILE
     from student.config import TrainConfig
     from student.train import train_stage
 
-    base = work / "base"
+    base = base or work / "base"
     if (base / "stage3" / FINISHED_FILE).exists():
         return base / "stage3"
-    started = time.perf_counter()
-    init = build_named("demo-student", base / "init", 0)
+    started, cpu = time.perf_counter(), time.process_time()
+    init = build(base / "init")
     vpre = pretrain_vision(init, base / "vision-pretrained", "easy-vqa:train", skip=s.slice[0],
                            limit=s.slice[1] - s.slice[0], steps=s.base_vision_steps, lr=2e-3, seed=0)
     data, root = write_questions(*s.slice, ((0, s.slice[0]),), base / "slice.jsonl")
     train_stage(TrainConfig(cache=None, data=data, image_root=root, student=str(vpre), out=str(base), stage=3,
                             steps=s.base_sft_steps, batch_size=32, lr=1e-3, lr_end=1e-4, num_workers=0,
                             train_vision_encoder=True, seed=0), progress=False)
-    (base / "train_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+    (base / "train_seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started,
+                                                         "cpu_seconds": time.process_time() - cpu}))
     return base / "stage3"
 
 
-def pool_cache(work: Path, s: Settings, teacher_folder: Path) -> Path:
-    """The teacher's answers to the pool questions, dumped once (the dump resumes by itself)."""
+def pool_cache(work: Path, s: Settings, teacher_folder: Path, cache: Path | None = None,
+               layers: tuple[int, ...] = ()) -> Path:
+    """The teacher's answers to the pool questions, dumped once into `cache` (default WORK/cache; `layers`: the
+    intermediate teacher layers to store too, dump-teacher --layers); the dump resumes by itself."""
     from pipeline.dump import dump_teacher
     from pipeline.dump_config import DumpConfig
     from pipeline.vlm.generation import GenerationSettings
 
-    cache, marker = work / "cache", work / "cache.done.json"
+    cache = cache or work / "cache"
+    marker = cache.with_name(cache.name + ".done.json")
     if marker.exists():
         return cache
-    data, root = write_questions(*s.pool, ((0, s.pool[0]), s.held_out), work / "pool.jsonl")
-    started = time.perf_counter()
+    data, root = write_questions(*s.pool, ((0, s.pool[0]), s.held_out), cache.parent / "pool.jsonl")
+    started, cpu = time.perf_counter(), time.process_time()
     stats = dump_teacher(DumpConfig(model=str(teacher_folder), data=data, image_root=root, out=str(cache),
-                                    responses="generate", top_k=16, question_features_fraction=0.25,
+                                    responses="generate", top_k=16, question_features_fraction=0.25, layers=layers,
                                     generation=GenerationSettings(max_new_tokens=8)), progress=True)
-    marker.write_text(json.dumps({"seconds": time.perf_counter() - started, "stats": str(stats)}))
+    marker.write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                                  "stats": str(stats)}))
     return cache
 
 
@@ -192,42 +208,44 @@ def test_accuracy(model: Path, s: Settings, out: Path) -> dict:
 
 def variant_stages(variant: str, s: Settings) -> list[tuple[int, int, dict]]:
     """(stage, steps, TrainConfig fields) of a variant; every one makes stage 2 + 3 student updates."""
-    method, loss = VARIANTS[FOLLOW_UPS.get(variant, variant)]
+    method, loss = (VARIANTS | SAME_TOKENIZER_ONLY)[FOLLOW_UPS.get(variant, variant)]
     vision = {"train_vision_encoder": True} if variant in FOLLOW_UPS else {}
     updates = s.stage_steps[1] + s.stage_steps[2]
     if method == "sft":
         return [(3, updates, {"from_student": True, **vision})]
-    if method == "uld":
-        return [(2, updates, {"from_student": True, "method": "uld", **vision})]
-    return [(stage, n, {"loss": loss, **vision}) for stage, n in zip((1, 2, 3), s.stage_steps)]
+    if method in ("uld", "kd"):
+        return [(2, updates, {"from_student": True, "method": method, **vision})]
+    extra = {"method": "vlsi"} if method == "vlsi" else {"loss": loss}  # vlsi: stage 1 trains the verbalizers only
+    return [(stage, n, {**extra, **vision}) for stage, n in zip((1, 2, 3), s.stage_steps)]
 
 
-def run_variant(work: str, s: Settings, cache: str, base: str, regime: str, seed: int, variant: str,
-                ids: tuple[str, ...] | None) -> dict:
-    """Train one variant from the base student (curves for the first seed), score it on test; returns its row."""
+def run_variant(runs: str, s: Settings, cache: str, base: str, regime: str, seed: int, variant: str,
+                ids: tuple[str, ...] | None, pair: str = "cross-tokenizer") -> dict:
+    """Train one variant from the base student (curves for the first seed), score it on test; returns its row.
+    `runs`: the pair's runs folder (WORK/runs for the cross-tokenizer pair)."""
     import torch
     from student.checkpoint import FINISHED_FILE
     from student.config import TrainConfig
     from student.train import train_stage
 
     torch.set_num_threads(1)
-    run = Path(work) / "runs" / regime / variant / f"seed{seed}"
+    run = Path(runs) / regime / variant / f"seed{seed}"
     row_file = run / "row.json"
     if row_file.exists():
         return json.loads(row_file.read_text())
     curves = seed == s.seeds[0]
     common = dict(cache=cache, student=base, out=str(run), seed=seed, batch_size=s.batch_size, lr=s.lr,
                   lr_end=s.lr_end, num_workers=0, sample_ids=ids, attention_every=s.reliance_every)
-    seconds, updates_before = 0.0, 0
+    seconds, cpu, updates_before = 0.0, 0.0, 0
     for stage, steps, extra in variant_stages(variant, s):
         cfg = TrainConfig(stage=stage, steps=steps, **common, **extra)
         folder = run / f"stage{stage}"
         while not (folder / FINISHED_FILE).exists():
             resume = (folder / "trainer_state").exists()
             chunk = s.curve_every if curves and stage != 1 else None
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             metrics = train_stage(cfg, resume=resume, progress=False, stop_after=chunk)
-            seconds += time.perf_counter() - t0
+            seconds, cpu = seconds + time.perf_counter() - t0, cpu + time.process_time() - c0
             if chunk and metrics:
                 step = updates_before + metrics[-1]["step"]
                 held_out_accuracy(folder, s, run / "curve" / f"{step:06d}.json", s.curve_questions)
@@ -235,10 +253,12 @@ def run_variant(work: str, s: Settings, cache: str, base: str, regime: str, seed
             updates_before += steps
     final = run / f"stage{variant_stages(variant, s)[-1][0]}"
     result = test_accuracy(final, s, run / "test.json")
-    row = {"regime": regime, "variant": variant, "seed": seed, "accuracy": result["accuracy"],
-           "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1)}
+    row = {"pair": pair, "regime": regime, "variant": variant, "seed": seed, "accuracy": result["accuracy"],
+           "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1),
+           "train_cpu_seconds": round(cpu, 1)}  # CPU: one thread, so the compute time when the machine is shared
     row_file.write_text(json.dumps(row))
-    print(f"{regime:4s} {variant:20s} seed {seed}: test {100 * row['accuracy']:.1f}% ({seconds:.0f} s)", flush=True)
+    print(f"{pair.split('-')[0]:5s} {regime:4s} {variant:20s} seed {seed}: test {100 * row['accuracy']:.1f}% "
+          f"({seconds:.0f} s)", flush=True)
     return row
 
 
@@ -247,7 +267,12 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/quality"), help="Scratch folder (reused on rerun).")
     parser.add_argument("--smoke", action="store_true", help="Tiny settings: checks the bench end to end.")
     parser.add_argument("--jobs", type=int, default=1, help="Variant runs in parallel (one thread each).")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS) + list(FOLLOW_UPS))
+    parser.add_argument("--pairs", nargs="+", default=["cross", "same"], choices=["cross", "same"],
+                        help="cross: the demo student (Mistral tokenizer); same: a smaller Qwen2-tokenizer student "
+                             "(bench/quality_same_tokenizer.py).")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        choices=list(VARIANTS) + list(FOLLOW_UPS) + list(SAME_TOKENIZER_ONLY),
+                        help="Default: each pair's own list; otherwise each pair runs the ones it has.")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Override the settings' seeds.")
     parser.add_argument("--regimes", nargs="+", default=["full", "low"], choices=["full", "low"])
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
@@ -259,20 +284,25 @@ def main(argv=None) -> None:
     (work / "settings.json").write_text(json.dumps(asdict(s), indent=2))
     started = time.perf_counter()
     teacher_folder = teacher(work, s)
-    base = base_student(work, s)
-    cache = pool_cache(work, s, teacher_folder)
-    jobs = [(regime, seed, variant) for regime in args.regimes for seed in seeds for variant in args.variants]
-    ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}
+    jobs = []  # run_variant's arguments after `s`
+    if "cross" in args.pairs:
+        base, cache = base_student(work, s), pool_cache(work, s, teacher_folder)
+        ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}
+        variants = [v for v in args.variants or VARIANTS if v in VARIANTS or v in FOLLOW_UPS]
+        jobs += [(str(work / "runs"), str(cache), str(base), regime, seed, variant, ids[regime], "cross-tokenizer")
+                 for regime in args.regimes for seed in seeds for variant in variants]
+    if "same" in args.pairs:
+        import quality_same_tokenizer
+
+        jobs += quality_same_tokenizer.jobs(work, s, teacher_folder, args.variants, args.regimes, seeds)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_variant, str(work), s, str(cache), str(base), regime, seed, variant, ids[regime])
-                   for regime, seed, variant in jobs]
+        futures = [pool.submit(run_variant, job[0], s, *job[1:]) for job in jobs]
         for f in futures:
             f.result()
     import quality_report
 
-    # the report covers every finished run in WORK (an earlier full run plus any follow-up variants)
-    quality_report.write(work, s, quality_report.finished_rows(work), teacher_folder, base, args.results,
-                         time.perf_counter() - started,
+    # the report covers every finished run in WORK (an earlier full run plus any follow-up variants), both pairs
+    quality_report.write(work, s, teacher_folder, args.results, time.perf_counter() - started,
                          "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv))
 
 

@@ -3,6 +3,9 @@
     .venv/bin/python bench/quality_report.py --work /work/scratch/quality
 
 Writes RESULTS/quality.md, RESULTS/quality.json and RESULTS/quality.png. Accuracies in the JSON are fractions.
+Both pairs: the cross-tokenizer one (the top-level fields, as before) and, once it has run, the same-tokenizer one
+(bench/quality_same_tokenizer.py: "same_tokenizer" in the JSON, a second section in the markdown, a second row of
+the figure); every row and summary entry says its "pair".
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ def _scores(result: dict) -> dict:
     return {"accuracy": result["accuracy"], "per_type": {k: v["accuracy"] for k, v in result["per_type"].items()}}
 
 
-def reference_models(work: Path, s, teacher_folder: Path, base: Path) -> dict:
+def reference_models(work: Path, s, teacher_folder: Path, base: Path, folder: Path | None = None) -> dict:
+    """The teacher's (scored once, WORK/reference/teacher) and the base student's (in `folder`, default
+    WORK/reference) held-out and test scores."""
     from quality import held_out_accuracy, test_accuracy
 
     out = {}
-    for name, folder in (("teacher", teacher_folder), ("base_student", base)):
-        held = held_out_accuracy(folder, s, work / "reference" / name / "held_out.json")
-        test = test_accuracy(folder, s, work / "reference" / name / "test.json")
+    for name, model in (("teacher", teacher_folder), ("base_student", base)):
+        where = work / "reference" / name if name == "teacher" else (folder or work / "reference") / name
+        held = held_out_accuracy(model, s, where / "held_out.json")
+        test = test_accuracy(model, s, where / "test.json")
         out[name] = {**_scores(test), "held_out": _scores(held)}
     return out
 
@@ -35,33 +41,33 @@ def reference_models(work: Path, s, teacher_folder: Path, base: Path) -> dict:
 def summarize(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["regime"], row["variant"]), []).append(row)
+        groups.setdefault((row["pair"], row["regime"], row["variant"]), []).append(row)
     table = []
-    for (regime, variant), runs in groups.items():
+    for (pair, regime, variant), runs in groups.items():
         def stats(values):
             values = [100 * v for v in values]
             return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-        table.append({"regime": regime, "variant": variant, "seeds": [r["seed"] for r in runs],
+        table.append({"pair": pair, "regime": regime, "variant": variant, "seeds": [r["seed"] for r in runs],
                       "accuracy": stats([r["accuracy"] for r in runs]),
                       "per_type": {t: stats([r["per_type"].get(t, 0.0) for r in runs]) for t in TYPES},
                       "train_seconds": statistics.mean(r["train_seconds"] for r in runs)})
     return table
 
 
-def curves(work: Path, seed: int) -> dict:
-    """regime -> variant -> [(student updates, held-out accuracy)] of the first seed's runs."""
+def curves(runs: Path, seed: int) -> dict:
+    """regime -> variant -> [(student updates, held-out accuracy)] of the first seed's runs in a pair's `runs`."""
     out: dict = {}
-    for folder in sorted((work / "runs").glob(f"*/*/seed{seed}/curve")):
+    for folder in sorted(runs.glob(f"*/*/seed{seed}/curve")):
         regime, variant = folder.parts[-4], folder.parts[-3]
         points = [(int(p.stem), json.loads(p.read_text())["accuracy"]) for p in sorted(folder.glob("*.json"))]
         out.setdefault(regime, {})[variant] = points
     return out
 
 
-def reliance(work: Path, seed: int) -> dict:
+def reliance(runs: Path, seed: int) -> dict:
     """regime -> variant -> stage -> [(step, question_reliance, question_reliance_first)] (GenRecal variants)."""
     out: dict = {}
-    for metrics in sorted((work / "runs").glob(f"*/genrecal*/seed{seed}/stage[12]/metrics.jsonl")):
+    for metrics in sorted(runs.glob(f"*/genrecal*/seed{seed}/stage[12]/metrics.jsonl")):
         regime, variant, stage = metrics.parts[-5], metrics.parts[-4], metrics.parts[-2]
         points = []
         for line in metrics.read_text().splitlines():
@@ -82,30 +88,44 @@ def _tail_mean(points, index: int, n: int = 4) -> float:
 
 
 def markdown(doc: dict, command: str) -> str:
-    s, refs = doc["settings"], doc["references"]
+    s = doc["settings"]
     seeds = ", ".join(map(str, s["seeds"]))
-    lines = ["# Distillation quality (easy-VQA; test split in the final table only)", "",
-             f"Command: `{command}` (one run; {doc['seconds'] / 60:.0f} min wall on this 2-core machine).", "",
-             f"Seeds {seeds}. Every variant starts from the same base student and makes {sum(s['stage_steps'][1:])} "
-             f"student updates at batch {s['batch_size']}, lr {s['lr']} -> {s['lr_end']} (GenRecal: stage 1 "
-             f"{s['stage_steps'][0]} Recalibrator steps, stage 2 {s['stage_steps'][1]}, stage 3 "
-             f"{s['stage_steps'][2]}). Pool: train records {s['pool'][0]}..{s['pool'][1] - 1} answered by the "
-             f"teacher ({doc['pool_size']} kept); low regime: {doc['low_size']} of them. Test: first {s['test']} "
-             "easy-vqa:test questions.", "",
-             "| model | held-out | test | shape | colour | yes/no |", "|---|---|---|---|---|---|"]
-    for name in ("teacher", "base_student"):
+    lines = ["# Distillation quality (easy-VQA; test split in the final table only)", ""]
+    if "references" in doc:  # the cross-tokenizer pair has run
+        lines += [f"Command: `{command}` (one run; {doc['seconds'] / 60:.0f} min wall on this 2-core machine).", "",
+                  f"Seeds {seeds}. Every variant starts from the same base student and makes "
+                  f"{sum(s['stage_steps'][1:])} "
+                  f"student updates at batch {s['batch_size']}, lr {s['lr']} -> {s['lr_end']} (GenRecal: stage 1 "
+                  f"{s['stage_steps'][0]} Recalibrator steps, stage 2 {s['stage_steps'][1]}, stage 3 "
+                  f"{s['stage_steps'][2]}). Pool: train records {s['pool'][0]}..{s['pool'][1] - 1} answered by the "
+                  f"teacher ({doc['pool_size']} kept); low regime: {doc['low_size']} of them. Test: first {s['test']} "
+                  "easy-vqa:test questions.", ""]
+        lines += pair_tables(doc, [r for r in doc["summary"] if r["pair"] == "cross-tokenizer"], s,
+                             ("teacher", "base_student"))
+    if "same_tokenizer" in doc:
+        import quality_same_tokenizer
+
+        lines += quality_same_tokenizer.markdown(doc)
+    return "\n".join(lines) + "\n"
+
+
+def pair_tables(section: dict, summary: list[dict], s: dict, names: tuple[str, ...]) -> list[str]:
+    """One pair's reference models, test table, held-out curves and question reliance (markdown lines)."""
+    refs = section["references"]
+    lines = ["| model | held-out | test | shape | colour | yes/no |", "|---|---|---|---|---|---|"]
+    for name in names:
         r = refs[name]
         lines.append(f"| {name.replace('_', ' ')} | {100 * r['held_out']['accuracy']:.1f} | {100 * r['accuracy']:.1f} | "
                      + " | ".join(f"{100 * r['per_type'].get(t, 0):.1f}" for t in TYPES) + " |")
     lines += ["", "Test accuracy (%), mean ± std over seeds:", "",
               "| regime | variant | seeds | accuracy | shape | colour | yes/no | train s |",
               "|---|---|---|---|---|---|---|---|"]
-    for r in doc["summary"]:
+    for r in summary:
         lines.append(f"| {r['regime']} | {r['variant']} | {len(r['seeds'])} | {_pct(r['accuracy'])} | "
                      + " | ".join(_pct(r["per_type"][t]) for t in TYPES) + f" | {r['train_seconds']:.0f} |")
     lines += ["", f"Held-out accuracy (%) over student updates, seed {s['seeds'][0]} ({s['curve_questions']} "
               "held-out questions per point):", ""]
-    for regime, variants in doc["curves"].items():
+    for regime, variants in section["curves"].items():
         steps = sorted({p[0] for points in variants.values() for p in points})
         lines += [f"{regime}:", "", "| variant | " + " | ".join(map(str, steps)) + " |",
                   "|---|" + "---|" * len(steps)]
@@ -118,76 +138,92 @@ def markdown(doc: dict, command: str) -> str:
               f"4 logged values; seed {s['seeds'][0]}):", "",
               "| regime | variant | stage 1 | stage 1 first slot | stage 2 | stage 2 first slot |",
               "|---|---|---|---|---|---|"]
-    for regime, variants in doc["reliance"].items():
+    for regime, variants in section["reliance"].items():
         for variant, stages in variants.items():
             cells = [f"{_tail_mean(stages.get(st, []), i):.3f}" for st in ("stage1", "stage2") for i in (1, 2)]
             lines.append(f"| {regime} | {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def figure(doc: dict, path: Path) -> None:
+    """A row per pair: held-out curves (full, low) and GenRecal's question reliance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, regime in zip(axes[:2], ("full", "low")):
-        for variant, points in doc["curves"].get(regime, {}).items():
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=variant)
-        ax.set_title(f"held-out accuracy, {regime} pool")
-        ax.set_xlabel("student updates")
-        ax.set_ylabel("%")
+    sections = ([("cross-tokenizer", doc)] if "references" in doc else []) \
+        + ([("same-tokenizer", doc["same_tokenizer"])] if "same_tokenizer" in doc else [])
+    fig, rows = plt.subplots(len(sections), 3, figsize=(15, 4 * len(sections)), squeeze=False)
+    stage1 = doc["settings"]["stage_steps"][0]
+    for axes, (pair, section) in zip(rows, sections):
+        for ax, regime in zip(axes[:2], ("full", "low")):
+            for variant, points in section["curves"].get(regime, {}).items():
+                ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker=".", label=variant)
+            ax.set_title(f"{pair}: held-out accuracy, {regime} pool")
+            ax.set_xlabel("student updates")
+            ax.set_ylabel("%")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        ax = axes[2]
+        for variant, stages in section["reliance"].get("full", {}).items():
+            if variant not in ("genrecal", "genrecal-old-layout"):
+                continue
+            xs, ys = [], []
+            for stage, offset in (("stage1", 0), ("stage2", stage1)):
+                points = stages.get(stage, [])
+                xs += [offset + p[0] for p in points]
+                ys += [p[1] for p in points]
+            ax.plot(xs, ys, marker=".", label=variant)
+        ax.axvline(stage1, color="gray", lw=0.8)
+        ax.set_title(f"{pair}: question reliance (stage 1 | 2), full pool")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ax = axes[2]
-    for variant, stages in doc["reliance"].get("full", {}).items():
-        if variant not in ("genrecal", "genrecal-old-layout"):
-            continue
-        offset = 0
-        xs, ys = [], []
-        for stage in ("stage1", "stage2"):
-            points = stages.get(stage, [])
-            xs += [offset + p[0] for p in points]
-            ys += [p[1] for p in points]
-            offset += doc["settings"]["stage_steps"][0] if stage == "stage1" else 0
-        ax.plot(xs, ys, marker=".", label=variant)
-    ax.axvline(doc["settings"]["stage_steps"][0], color="gray", lw=0.8)
-    ax.set_title("question reliance (stage 1 | stage 2), full pool")
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def finished_rows(work: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*/*/seed*/row.json"))]
+    """Every finished run's row, both pairs (rows written before there was a same-tokenizer pair: cross-tokenizer)."""
+    from quality_same_tokenizer import FOLDER
+
+    rows = [json.loads(p.read_text()) for runs in (work / "runs", work / FOLDER / "runs")
+            for p in sorted(runs.glob("*/*/seed*/row.json"))]
+    return [{"pair": "cross-tokenizer", **row} for row in rows]
 
 
-def write(work: Path, s, rows: list[dict], teacher_folder: Path, base: Path, results: Path, seconds: float,
-          command: str) -> dict:
-    """`seconds`/`command`: of the first (full) run; a later call (a follow-up, a redraw) keeps those."""
+def write(work: Path, s, teacher_folder: Path, results: Path, seconds: float, command: str) -> dict:
+    """The report of every finished run in WORK. `seconds`/`command`: of the first run that made a pair's section;
+    a later call (a follow-up, a redraw) keeps those."""
+    import quality_same_tokenizer
     from pipeline.store.reader import CacheReader
     from quality import regime_ids
+    from student.checkpoint import FINISHED_FILE
 
-    first = work / "first_run.json"
-    if first.exists():
-        seconds, command = (json.loads(first.read_text())[k] for k in ("seconds", "command"))
+    rows = finished_rows(work)
+    doc = {"rows": rows, "summary": summarize(rows), "settings": asdict(s)}
+    base, cache = work / "base" / "stage3", work / "cache"
+    if (base / FINISHED_FILE).exists() and (work / "cache.done.json").exists():  # the cross-tokenizer pair
+        first = work / "first_run.json"
+        if not first.exists():
+            first.write_text(json.dumps({"seconds": seconds, "command": command}))
+        cross_seconds, cross_command = (json.loads(first.read_text())[k] for k in ("seconds", "command"))
+        low = regime_ids(cache, s.low_fraction)
+        refs = reference_models(work, s, teacher_folder, base)
+        doc |= {"teacher": {k: refs["teacher"][k] for k in ("accuracy", "per_type")},
+                "base_student": {k: refs["base_student"][k] for k in ("accuracy", "per_type")},
+                "references": refs, "curves": curves(work / "runs", s.seeds[0]),
+                "reliance": reliance(work / "runs", s.seeds[0]), "seconds": cross_seconds,
+                "pool_size": len(CacheReader(cache).sample_ids), "low_size": len(low) if low else None}
     else:
-        first.write_text(json.dumps({"seconds": seconds, "command": command}))
-    cache = work / "cache"
-    low = regime_ids(cache, s.low_fraction)
-    refs = reference_models(work, s, teacher_folder, base)
-    doc = {"teacher": {k: refs["teacher"][k] for k in ("accuracy", "per_type")},
-           "base_student": {k: refs["base_student"][k] for k in ("accuracy", "per_type")},
-           "rows": rows, "references": refs, "summary": summarize(rows), "curves": curves(work, s.seeds[0]),
-           "reliance": reliance(work, s.seeds[0]), "settings": asdict(s), "seconds": seconds,
-           "pool_size": len(CacheReader(cache).sample_ids), "low_size": len(low) if low else None}
+        cross_command = command
+    if quality_same_tokenizer.finished(work):
+        doc["same_tokenizer"] = quality_same_tokenizer.section(work, s, teacher_folder, command, seconds)
     results.mkdir(parents=True, exist_ok=True)
     (results / "quality.json").write_text(json.dumps(doc, indent=1))
-    (results / "quality.md").write_text(markdown(doc, command))
+    (results / "quality.md").write_text(markdown(doc, cross_command))
     figure(doc, results / "quality.png")
     print((results / "quality.md").read_text())
     return doc
@@ -204,8 +240,8 @@ def main(argv=None) -> None:
 
     settings = json.loads((args.work / "settings.json").read_text())
     s = quality.Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    write(args.work, s, finished_rows(args.work), args.work / "teacher" / s.teacher_chain[-1] / "stage3", args.work / "base" / "stage3",
-          args.results, float("nan"), "python bench/quality.py --work " + str(args.work))
+    write(args.work, s, args.work / "teacher" / s.teacher_chain[-1] / "stage3", args.results, float("nan"),
+          "python bench/quality.py --work " + str(args.work))
 
 
 if __name__ == "__main__":
