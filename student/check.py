@@ -1,11 +1,18 @@
-"""`student check --student S --cache C [--stage N]`: will this pair train? Answered on CPU in seconds,
-before a GPU-day is spent.
+"""`student check --student S --cache C [--method M] [--stage N]`: will this pair train? Answered on CPU in
+seconds, before a GPU-day is spent.
 
 Loads both sides (the student, the cache's manifest and teacher head), builds one batch from the cache,
-and runs one forward and backward of each stage (1: Recalibrator only, 2: + student, 3: student SFT).
-Reports family, decoder class, Recalibrator block type, hidden sizes, vocabularies and their padding,
-what each stage trains and freezes, a memory estimate per stage, and every problem found.
-`check_pair` returns the report; `report.ok` is False when the pair cannot train.
+and runs one forward and backward of each stage of the method:
+
+| method | stages | what a stage-1/2 check adds |
+|---|---|---|
+| genrecal | 1: Recalibrator only, 2: + student, 3: student SFT | the Recalibrator's block type |
+| vlsi | 1: verbalizers, 2: + student (layer KL), 3: SFT | same tokenizer, the cache's layers, both sides' verbalizer layers |
+| kd, uld | 2 (from --student), 3 | kd: same tokenizer; both: the cache's top-k |
+
+Reports family, decoder class, hidden sizes, vocabularies and their padding, what each stage trains and
+freezes, a memory estimate per stage, and every problem found. `check_pair` returns the report;
+`report.ok` is False when the pair cannot train.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ _TRAINED_BYTES, _FROZEN_BYTES = 16, 4
 # activations kept for the backward pass, per token and layer, in units of the hidden width (fp32): attention
 # inputs/outputs, the MLP's widened activations, norms; a rough figure for transformer blocks
 _ACTIVATION_WIDTHS = 34
+# the stages each `student train --method` has (student/config.py's checks say the same for training)
+METHOD_STAGES = {"genrecal": (1, 2, 3), "vlsi": (1, 2, 3), "kd": (2, 3), "uld": (2, 3)}
 
 
 @dataclass
@@ -36,16 +45,42 @@ class CheckReport:
         return "\n".join(out)
 
 
-def check_pair(student: str, cache: str, stages=(1, 2, 3), batch_size: int = 4, memory_batch: int = 8) -> CheckReport:
-    """Everything above, for `stages` of `student` against `cache`; problems are collected, not raised."""
+@dataclass
+class _Pair:
+    """What every stage check reads: the student, the cache's side and the one batch."""
+
+    vlm: object
+    parts: object  # pipeline/vlm/parts.py VLMParts of the student
+    reader: object
+    method: str
+    head: object | None  # the teacher head (stages 1-2 of genrecal and vlsi)
+    batch: object | None
+    seq: int
+    memory_batch: int
+
+
+def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memory_batch: int = 8,
+               method: str = "genrecal") -> CheckReport:
+    """Everything above, for `stages` (default: all of `method`'s) of `student` against `cache`; problems are
+    collected, not raised."""
     from pipeline.store.reader import CacheReader
-    from pipeline.store.teacher_head import TeacherHead, load_teacher_head
     from pipeline.vlm.models import load_vlm
     from pipeline.vlm.parts import describe, vlm_parts
 
     report = CheckReport()
+    if method not in METHOD_STAGES:
+        report.problems.append(f"unknown method {method!r}: one of {', '.join(METHOD_STAGES)}")
+        return report
+    stages = tuple(stages or METHOD_STAGES[method])
+    wrong = [s for s in stages if s not in METHOD_STAGES[method]]
+    if wrong:
+        report.problems.append(f"--method {method} has no stage {wrong[0]}: its stages are "
+                               f"{', '.join(map(str, METHOD_STAGES[method]))}")
+        return report
     try:
         reader = CacheReader(cache)
+        if method in ("kd", "vlsi") and not _same_tokenizer(student, reader, cache, method, report):
+            return report  # training refuses such a pair before the student loads; so does the check
         vlm = load_vlm(student, dtype="float32", device="cpu")
         parts = vlm_parts(vlm.model)
     except (OSError, ValueError) as err:  # UnsupportedFamily and ModelLoadError are ValueErrors
@@ -62,25 +97,62 @@ def check_pair(student: str, cache: str, stages=(1, 2, 3), batch_size: int = 4, 
     if size > rows:
         report.problems.append(f"the student's tokenizer has {size} tokens but its head only {rows} rows: resize the "
                                "embeddings (model.resize_token_embeddings) or use the matching tokenizer")
-    batch = _one_batch(reader, vlm, batch_size, report)
-    head = None
-    if any(s in (1, 2) for s in stages):
-        try:
-            weight, bias = load_teacher_head(cache, reader.manifest)
-            head = TeacherHead(weight.float(), None if bias is None else bias.float(), teacher.logit_scale,
-                               teacher.final_logit_softcapping)
-        except (OSError, ValueError) as err:
-            report.problems.append(f"teacher head: {err}")
+    vlsi_layers = method == "vlsi" and any(s in (1, 2) for s in stages)
+    if vlsi_layers and not _cache_layers(reader, report):
+        return report
+    if method in ("kd", "uld") and reader.manifest.topk.k == 0:
+        report.problems.append(f"--method {method} needs the cache's top-k log-probs; this cache was dumped with "
+                               "--top-k 0 (dump it again with --top-k 16, say)")
+    batch = _one_batch(reader, vlm, batch_size, report, layers=vlsi_layers)
+    head = _head(reader, cache, report) if method in ("genrecal", "vlsi") and any(s in (1, 2) for s in stages) else None
     seq = int(batch.inputs["input_ids"].shape[1]) if batch is not None else 0
+    pair = _Pair(vlm, parts, reader, method, head, batch, seq, memory_batch)
     for stage in stages:
-        _check_stage(vlm, parts, head, batch, stage, teacher.hidden_size, seq, memory_batch, report)
+        _check_stage(pair, stage, report)
     return report
 
 
-def _one_batch(reader, vlm, batch_size: int, report: CheckReport):
+def _same_tokenizer(student: str, reader, cache: str, method: str, report: CheckReport) -> bool:
+    from student.tokenizer_match import check_same_tokenizer, load_tokenizer
+
+    try:
+        check_same_tokenizer(load_tokenizer(student), reader.manifest, cache, student, method)
+    except ValueError as err:
+        report.problems.append(str(err))
+        return False
+    report.lines.append(f"tokenizer: the student's is the teacher's ({reader.manifest.teacher.tokenizer_vocab_size} "
+                        f"tokens), as --method {method} needs")
+    return True
+
+
+def _cache_layers(reader, report: CheckReport) -> bool:
+    try:
+        layers = reader.require_layers()
+    except ValueError as err:
+        report.problems.append(str(err))
+        return False
+    report.lines.append(f"cache layers: {', '.join(map(str, layers))} of the teacher's "
+                        f"{reader.manifest.teacher.num_hidden_layers}")
+    return True
+
+
+def _head(reader, cache: str, report: CheckReport):
+    from pipeline.store.teacher_head import TeacherHead, load_teacher_head
+
+    try:
+        weight, bias = load_teacher_head(cache, reader.manifest)
+    except (OSError, ValueError) as err:
+        report.problems.append(f"teacher head: {err}")
+        return None
+    teacher = reader.manifest.teacher
+    return TeacherHead(weight.float(), None if bias is None else bias.float(), teacher.logit_scale,
+                       teacher.final_logit_softcapping)
+
+
+def _one_batch(reader, vlm, batch_size: int, report: CheckReport, layers: bool = False):
     from student.batches import CacheStudentData
 
-    data = CacheStudentData(reader, vlm.processor, vlm.end_of_turn, vlm.pad_id)
+    data = CacheStudentData(reader, vlm.processor, vlm.end_of_turn, vlm.pad_id, layers=layers)
     items, reasons = [], []
     for i in range(min(len(data), 4 * batch_size)):
         try:
@@ -98,47 +170,106 @@ def _one_batch(reader, vlm, batch_size: int, report: CheckReport):
     return data.collate(items)
 
 
-def _check_stage(vlm, parts, head, batch, stage: int, d_teacher: int, seq: int, memory_batch: int, report) -> None:
-    from student.config import LossConfig
-    from student.recalibrator import Recalibrator
-    from student.step import genrecal_losses, student_ce, student_forward
+def _check_stage(pair: _Pair, stage: int, report: CheckReport) -> None:
+    """The stage's parameter counts and memory estimate, then one forward and backward of its loss."""
     from student.trainable import stage_split, trainable_student_parameters
 
-    train, frozen = stage_split(vlm.model, stage)
-    numel = dict((n, p.numel()) for n, p in vlm.model.named_parameters())
-    rec = None
-    if stage in (1, 2):
-        try:
-            rec = Recalibrator.from_student(vlm.model, d_teacher)
-            report.lines.append(f"stage {stage} Recalibrator: {rec.block_kind}")
-        except ValueError as err:
-            report.problems.append(f"stage {stage}: cannot build the Recalibrator: {err}")
-            return
-    rec_params = sum(p.numel() for p in rec.parameters()) if rec is not None else 0
-    trained = sum(numel[n] for n in train) + rec_params
-    frozen_count = sum(numel[n] for n in frozen)
-    head_bytes = head.weight.numel() * 4 if (head is not None and stage != 3) else 0
-    layers = (len(parts.layers) if stage in (2, 3) else 0) + (len(rec.layers) if rec is not None else 0)
-    activations = memory_batch * seq * layers * parts.hidden_size * _ACTIVATION_WIDTHS * 4
-    memory = trained * _TRAINED_BYTES + frozen_count * _FROZEN_BYTES + head_bytes + activations
-    report.lines.append(f"stage {stage}: trains {trained:,} parameters ({len(train)} student tensors"
-                        f"{' + Recalibrator' if rec is not None else ''}), freezes {frozen_count:,}; estimated "
-                        f"memory at batch {memory_batch} x {seq} tokens: {memory / 2**20:.0f} MiB (fp32)")
-    if batch is None or (stage != 3 and head is None):
+    model = pair.vlm.model
+    train, frozen = stage_split(model, stage)
+    numel = dict((n, p.numel()) for n, p in model.named_parameters())
+    extra = _stage_extra(pair, stage, report)
+    if extra is False:
         return
-    trainable_student_parameters(vlm.model, stage)
-    vlm.model.train()
+    extra_params = sum(p.numel() for p in _extra_trained(extra))
+    trained = sum(numel[n] for n in train) + extra_params
+    frozen_count = sum(numel[n] for n in frozen)
+    head_bytes = pair.head.weight.numel() * 4 if (pair.head is not None and stage != 3) else 0
+    extra_layers = len(extra.layers) if pair.method == "genrecal" and extra is not None else 0
+    layers = (len(pair.parts.layers) if stage in (2, 3) else 0) + extra_layers
+    activations = pair.memory_batch * pair.seq * layers * pair.parts.hidden_size * _ACTIVATION_WIDTHS * 4
+    memory = trained * _TRAINED_BYTES + frozen_count * _FROZEN_BYTES + head_bytes + activations
+    added = {"genrecal": " + Recalibrator", "vlsi": " + verbalizers"}.get(pair.method, "") if extra is not None else ""
+    report.lines.append(f"stage {stage}: trains {trained:,} parameters ({len(train)} student tensors{added}), "
+                        f"freezes {frozen_count:,}; estimated memory at batch {pair.memory_batch} x {pair.seq} "
+                        f"tokens: {memory / 2**20:.0f} MiB (fp32)")
+    if pair.batch is None or (stage != 3 and pair.method in ("genrecal", "vlsi") and pair.head is None):
+        return
+    trainable_student_parameters(model, stage)
+    model.train()
     try:
-        if stage == 3:
-            _, logits = student_forward(vlm.model, batch, True)
-            loss = student_ce(logits, batch)
-        else:
-            loss = genrecal_losses(vlm.model, rec, head, batch, stage, LossConfig())["total"]
+        loss = _stage_loss(pair, stage, extra)
         loss.backward()
         if not torch.isfinite(loss):
             report.problems.append(f"stage {stage}: the loss is {float(loss)}")
     except Exception as err:  # noqa: BLE001 - any failure here is what the user needs to see
         report.problems.append(f"stage {stage}: forward/backward failed: {type(err).__name__}: {err}")
     finally:
-        vlm.model.zero_grad(set_to_none=True)
-        vlm.model.eval()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def _stage_extra(pair: _Pair, stage: int, report: CheckReport):
+    """What the stage trains beside the student: the Recalibrator (genrecal 1-2), both sides' verbalizers
+    (vlsi 1-2; a VLsIParts), None, or False when it cannot be built (the problem is reported)."""
+    from student.recalibrator import Recalibrator
+
+    if stage == 3 or pair.method in ("kd", "uld"):
+        return None
+    d_teacher = pair.reader.manifest.teacher.hidden_size
+    if pair.method == "genrecal":
+        try:
+            rec = Recalibrator.from_student(pair.vlm.model, d_teacher)
+        except ValueError as err:
+            report.problems.append(f"stage {stage}: cannot build the Recalibrator: {err}")
+            return False
+        report.lines.append(f"stage {stage} Recalibrator: {rec.block_kind}")
+        return rec
+    return _verbalizers(pair, stage, report)
+
+
+def _verbalizers(pair: _Pair, stage: int, report: CheckReport):
+    from student.config import TrainConfig
+    from student.vlsi import Verbalizers, default_student_layers
+    from student.vlsi_step import VLsIParts
+
+    layers = tuple(pair.reader.manifest.layers)
+    depth = len(pair.parts.layers)
+    if depth < 2:
+        report.problems.append(f"the student has {depth} decoder layer(s): VLsI needs an intermediate layer")
+        return False
+    s_layers = default_student_layers(depth, len(layers))
+    teacher = Verbalizers("teacher", layers, pair.reader.manifest.teacher.hidden_size)
+    student = Verbalizers("student", s_layers, pair.parts.hidden_size)
+    teacher.requires_grad_(stage == 1)  # stage 1 trains the teacher's verbalizers too (unless given)
+    report.lines.append(f"stage {stage} verbalizers: teacher layers {', '.join(map(str, layers))}, student layers "
+                        f"{', '.join(map(str, s_layers))} (--student-layers picks others)")
+    window = TrainConfig.__dataclass_fields__["match_window"].default
+    return VLsIParts(teacher, student, pair.reader.manifest.teacher.tokenizer_vocab_size, window, stage == 1)
+
+
+def _extra_trained(extra) -> list:
+    """The parameters the stage trains beside the student's (student/vlsi_train.py `trainable_verbalizers`)."""
+    from student.vlsi_step import VLsIParts
+    from student.vlsi_train import trainable_verbalizers
+
+    if extra is None:
+        return []
+    return trainable_verbalizers(extra) if isinstance(extra, VLsIParts) else list(extra.parameters())
+
+
+def _stage_loss(pair: _Pair, stage: int, extra) -> torch.Tensor:
+    from student.config import LossConfig
+    from student.step import genrecal_losses, kd_losses, student_ce, student_forward, uld_losses
+    from student.vlsi_step import vlsi_losses
+
+    model, batch, cfg = pair.vlm.model, pair.batch, LossConfig()
+    if stage == 3:
+        _, logits = student_forward(model, batch, True)
+        return student_ce(logits, batch)
+    if pair.method == "kd":
+        return kd_losses(model, batch, cfg)["total"]
+    if pair.method == "uld":
+        return uld_losses(model, batch, cfg)["total"]
+    if pair.method == "vlsi":
+        return vlsi_losses(model, extra, pair.head, batch, stage, cfg)["total"]
+    return genrecal_losses(model, extra, pair.head, batch, stage, cfg)["total"]

@@ -5,17 +5,19 @@
     student train --cache cache/ --student llava-folder --out runs/a --stage 3 --steps 500
     student train ... --resume        # continue a stopped stage from its last checkpoint
     student eval --model runs/a/stage3 --data easy-vqa:test [--limit 200]   # -> runs/a/stage3/eval/*.json
-    student check --student llava-folder --cache cache/ [--stage 2]   # will this pair train? (CPU, seconds)
+    student check --student llava-folder --cache cache/ [--method vlsi] [--stage 2]   # will this pair train? (CPU, seconds)
 """
 
 from __future__ import annotations
 
 import sys
+from typing import get_args, get_type_hints
 
 import click
 
 from pipeline import __version__
 from student.cli_options import config_options, train_config_from_options
+from student.config import TrainConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,15 +81,19 @@ def eval_command(**options):
 @main.command("check")
 @click.option("--student", required=True, help="Student model folder, alias or hub id.")
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
-@click.option("--stage", type=click.IntRange(1, 3), multiple=True, help="Check only this stage (repeatable). Default: 1, 2 and 3.")
+@click.option("--method", type=click.Choice(get_args(get_type_hints(TrainConfig)["method"])), default="genrecal", show_default=True,
+              help="The `student train --method` to check the pair for.")
+@click.option("--stage", type=click.IntRange(1, 3), multiple=True,
+              help="Check only this stage (repeatable). Default: every stage of the method (genrecal, vlsi: 1-3; kd, uld: 2-3).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Samples in the test batch.")
 @click.option("--memory-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batch size the memory estimate is for.")
-def check_command(student, cache, stage, batch_size, memory_batch):
+def check_command(student, cache, method, stage, batch_size, memory_batch):
     """One batch, one forward+backward of each stage on CPU: exit 0 when the pair can train, 2 with the reasons."""
     from student.check import check_pair
 
-    report = check_pair(student, cache, stages=stage or (1, 2, 3), batch_size=batch_size, memory_batch=memory_batch)
+    report = check_pair(student, cache, stages=stage or None, batch_size=batch_size, memory_batch=memory_batch,
+                        method=method)
     click.echo(report.text())
     sys.exit(0 if report.ok else 2)
 

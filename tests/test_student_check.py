@@ -1,4 +1,4 @@
-"""`student check` on a pair that can train and on one that cannot, through the CLI."""
+"""`student check` on pairs that can train and ones that cannot, per method, through the CLI."""
 
 import shutil
 
@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from student.cli import main
 from tests.test_family_matrix import MATRIX, matrix_cache, matrix_model  # noqa: F401 - fixtures
+from tests.vlsi_fixtures import same_cache, same_cache_without_layers, same_student, same_teacher_dir  # noqa: F401
 
 
 def _run(student, cache, *extra):
@@ -37,3 +38,35 @@ def test_a_pair_that_cannot_train(tmp_path, matrix_model, matrix_cache):
     assert result.exit_code == 2, result.output
     size = len(AutoTokenizer.from_pretrained(folder))
     assert f"problem: the student's tokenizer has {size} tokens but its head only 32064 rows" in result.output
+
+
+def test_the_same_tokenizer_pair_checks_for_kd_and_vlsi(same_cache, same_student):
+    kd = _run(same_student.path, same_cache, "--method", "kd")
+    assert kd.exit_code == 0, kd.output
+    assert "tokenizer: the student's is the teacher's" in kd.output
+    assert kd.output.count("estimated memory") == 2 and "stage 2: trains" in kd.output and "stage 1" not in kd.output
+    vlsi = _run(same_student.path, same_cache, "--method", "vlsi")
+    assert vlsi.exit_code == 0, vlsi.output
+    out = vlsi.output
+    assert "cache layers: 1, 2, 3 of the teacher's 4" in out
+    assert "stage 1 verbalizers: teacher layers 1, 2, 3, student layers 1, 2" in out
+    assert out.count("estimated memory") == 3 and "+ verbalizers" in out and "the pair can train" in out
+    # stage 1 trains both sides' verbalizers (3 d^2 + d per layer: 3 teacher layers at d=128, 2 student at d=64)
+    verbalizer_params = 3 * (3 * 128 * 128 + 128) + 2 * (3 * 64 * 64 + 64)
+    assert f"stage 1: trains {verbalizer_params:,} parameters (0 student tensors + verbalizers)" in out
+
+
+def test_vlsi_and_kd_refuse_a_cross_tokenizer_pair_and_vlsi_a_cache_without_layers(matrix_model, same_cache,
+                                                                                   same_cache_without_layers,
+                                                                                   same_student):
+    other = matrix_model(MATRIX.index(("llava-tiny", "mistral")))
+    for method in ("kd", "vlsi"):
+        result = _run(other, same_cache, "--method", method)
+        assert result.exit_code == 2, result.output
+        assert f"problem: --method {method} compares the two models' distributions token by token" in result.output
+        assert "Use --method genrecal" in result.output and "estimated memory" not in result.output
+    no_layers = _run(same_student.path, same_cache_without_layers, "--method", "vlsi")
+    assert no_layers.exit_code == 2 and "--layers" in no_layers.output, no_layers.output
+    assert _run(same_student.path, same_cache_without_layers, "--method", "vlsi", "--stage", "3").exit_code == 0
+    wrong_stage = _run(same_student.path, same_cache, "--method", "kd", "--stage", "1")
+    assert wrong_stage.exit_code == 2 and "--method kd has no stage 1" in wrong_stage.output
