@@ -23,7 +23,7 @@ from student.checkpoint import save_checkpoint
 from student.config import TrainConfig
 from student.metrics_log import MetricsLog
 from student.recalibrator import Recalibrator
-from student.scale import autocast, clip_gradients
+from student.scale import autocast, clip_gradients, gradient_norm
 from student.step import genrecal_losses, kd_losses, student_ce, student_forward, uld_losses
 from student.vlsi_step import VLsIParts, vlsi_losses
 from student.vlsi_train import verbalizer_modules
@@ -116,17 +116,28 @@ class _Run:
                 share = 1.0 if name.startswith("question_") else 1.0 / cfg.grad_accum  # diagnostics: micro-batch 0 only
                 totals[name] = totals.get(name, 0.0) + value.item() * share
         distributed.average_gradients(self.replicated)
-        grad_norm = clip_gradients(self.params, cfg.max_grad_norm)
+        norms = self._clip()
         optimizer.step()
         elapsed = time.perf_counter() - start
         return {
             **distributed.mean_over_ranks(totals),
-            "grad_norm": grad_norm,
+            **norms,
             "lr": optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens / elapsed,
             "loader_wait_share": wait / elapsed,
             "peak_memory_mb": _peak_memory_mb(device),
         }
+
+    def _clip(self) -> dict:
+        """Clip the global gradient norm; the norms before clipping, over all and per part (the student, and what
+        trains beside it: the Recalibrator or VLsI's verbalizers). AdamW's steps hardly depend on a common scale
+        of the gradients, so one clip over both parts does not shrink the student's steps; the per-part norms say
+        how large each part's gradients are (e.g. a new Recalibrator behind a large teacher head)."""
+        student_ids = {id(p) for p in self.student.parameters()}
+        s_norm = gradient_norm([p for p in self.params if id(p) in student_ids])
+        b_norm = gradient_norm([p for p in self.params if id(p) not in student_ids])
+        total = clip_gradients(self.params, self.cfg.max_grad_norm, norm=(s_norm**2 + b_norm**2) ** 0.5)
+        return {"grad_norm": total, "grad_norm_student": s_norm, "grad_norm_beside": b_norm}
 
     def _terms(self, batch, measure_reliance: bool) -> dict:
         if self.cfg.method in ("uld", "kd"):

@@ -55,8 +55,9 @@ def shard_student(student) -> None:
     fully_shard(student)
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm over plain and FSDP-sharded (DTensor) gradients alike."""
+def gradient_norm(params: list[torch.nn.Parameter]) -> float:
+    """The global gradient norm of `params` (0 when none has a gradient), plain and FSDP-sharded (DTensor)
+    gradients alike."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
@@ -66,7 +67,14 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
         if hasattr(norm, "full_tensor"):  # a DTensor norm is a partial value: reduce it across ranks
             norm = norm.full_tensor()
         squares += norm.double() ** 2
-    total = float(squares.sqrt())
+    return float(squares.sqrt())
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, norm: float | None = None) -> float:
+    """Scale the gradients of `params` so that their global norm is at most `max_norm`; returns the norm before
+    (`norm`: that norm, when the caller has it already)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = gradient_norm(params) if norm is None else norm
     scale = min(max_norm / (total + 1e-6), 1.0)
     if scale < 1.0:
         for g in grads:

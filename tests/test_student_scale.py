@@ -157,3 +157,32 @@ def test_nothing_to_train_on_is_a_clear_error(tmp_path, pair_cache, pair_student
     # e.g. a cache whose samples were all rejected: the loop must not wait for batches that never come
     with pytest.raises(ValueError, match="no samples to train on"):
         train_stage(config(pair_cache, pair_student, tmp_path / "run", 1, sample_ids=()), progress=False)
+
+
+def test_the_clip_logs_each_parts_norm_and_clips_like_torch():
+    """One global clip over the student and what trains beside it (torch's clip_grad_norm_ as the reference),
+    the norms before clipping logged per part."""
+    from student.config import TrainConfig
+    from student.loop import _Run
+
+    torch.manual_seed(0)
+    student, beside = torch.nn.Linear(4, 3), torch.nn.Linear(3, 5)
+    params = list(student.parameters()) + list(beside.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * (50.0 if p in set(beside.parameters()) else 1.0)
+    reference = [p.grad.clone() for p in params]
+    copies = [torch.nn.Parameter(torch.zeros_like(g)) for g in reference]
+    for c, g in zip(copies, reference):
+        c.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(copies, 1.0)
+    s_norm = torch.cat([g.flatten() for g in reference[:2]]).norm()
+    b_norm = torch.cat([g.flatten() for g in reference[2:]]).norm()
+    cfg = TrainConfig(cache=".", student="s", out="o", stage=2, max_grad_norm=1.0)
+    norms = _Run(cfg, student, None, None, False, params, params)._clip()
+    assert norms["grad_norm"] == pytest.approx(float(expected), rel=1e-6)
+    assert norms["grad_norm_student"] == pytest.approx(float(s_norm), rel=1e-6)
+    assert norms["grad_norm_beside"] == pytest.approx(float(b_norm), rel=1e-6)
+    total = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert total == pytest.approx(1.0, rel=1e-4)  # clipped to max_grad_norm
+    for p, c in zip(params, copies):  # one common scale for both parts, as torch's
+        torch.testing.assert_close(p.grad, c.grad, rtol=1e-5, atol=1e-7)
