@@ -212,13 +212,13 @@ def write(work: Path, s, teacher_folder: Path, results: Path, seconds: float, co
         cross_seconds, cross_command = (json.loads(first.read_text())[k] for k in ("seconds", "command"))
         low = regime_ids(cache, s.low_fraction)
         refs = reference_models(work, s, teacher_folder, base)
-        doc |= {"teacher": {k: refs["teacher"][k] for k in ("accuracy", "per_type")},
+        doc |= {"command": cross_command, "teacher": {k: refs["teacher"][k] for k in ("accuracy", "per_type")},
                 "base_student": {k: refs["base_student"][k] for k in ("accuracy", "per_type")},
                 "references": refs, "curves": curves(work / "runs", s.seeds[0]),
                 "reliance": reliance(work / "runs", s.seeds[0]), "seconds": cross_seconds,
                 "pool_size": len(CacheReader(cache).sample_ids), "low_size": len(low) if low else None}
-    else:
-        cross_command = command
+    else:  # not in WORK: an earlier run's cross-tokenizer section in RESULTS stays (e.g. after --pairs same)
+        cross_command = _carry_over_cross(doc, results / "quality.json", command)
     if quality_same_tokenizer.finished(work):
         doc["same_tokenizer"] = quality_same_tokenizer.section(work, s, teacher_folder, command, seconds)
     results.mkdir(parents=True, exist_ok=True)
@@ -227,6 +227,29 @@ def write(work: Path, s, teacher_folder: Path, results: Path, seconds: float, co
     figure(doc, results / "quality.png")
     print((results / "quality.md").read_text())
     return doc
+
+
+CROSS_FIELDS = ("command", "teacher", "base_student", "references", "curves", "reliance", "seconds", "pool_size",
+                "low_size")
+
+
+def _carry_over_cross(doc: dict, previous: Path, command: str) -> str:
+    """Copy the cross-tokenizer section (its fields, rows and summary) of an earlier quality.json into `doc`
+    when WORK holds no cross-tokenizer run; returns the command that made it (`command` when there is none)."""
+    if not previous.exists():
+        return command
+    old = json.loads(previous.read_text())
+    if "references" not in old:
+        return command
+    if old["settings"] != doc["settings"]:
+        raise SystemExit(f"{previous}: its cross-tokenizer section ran with other settings than WORK's; rerun that "
+                         "pair into WORK (--pairs cross) or write the report to another --results folder")
+    doc |= {k: old[k] for k in CROSS_FIELDS if k in old}
+    rows = [r for r in old["rows"] if r.get("pair", "cross-tokenizer") == "cross-tokenizer"]
+    doc["rows"] = rows + [r for r in doc["rows"] if r["pair"] != "cross-tokenizer"]
+    doc["summary"] = summarize(doc["rows"])
+    doc["cross_tokenizer_from"] = f"{previous} as it was before this report (WORK holds no cross-tokenizer run)"
+    return old.get("command", "an earlier run of bench/quality.py (its command was not recorded)")
 
 
 def main(argv=None) -> None:
