@@ -116,12 +116,14 @@ def question_features_by_hash():
 
 
 def logits_everywhere():
-    def full_forward(model, **inputs):  # the whole model, lm_head on every position, then its hidden states
+    def full_forward(model, layers, **inputs):  # the whole model, lm_head on every position, then its hidden states
         for key in ("logits_to_keep", "output_hidden_states", "return_dict"):
             inputs.pop(key, None)
-        return model(**inputs, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        states = model(**inputs, use_cache=False, output_hidden_states=True).hidden_states
+        return states[-1], {layer: states[layer] for layer in layers}
 
-    replace("pipeline.vlm.parts", "body_forward", full_forward)
+    # the function both feature paths go through (body_forward calls it; dumps with --layers call it directly)
+    replace("pipeline.vlm.parts", "body_forward_with_layers", full_forward)
 
 
 def response_log_ignored():
