@@ -29,7 +29,7 @@ class LossConfig:
     chunk_tokens: int = 1024
     """Positions per teacher-head chunk (bounds the [positions, teacher vocab] logits held at once)."""
     temperature: float = 1.0
-    """Softmax temperature of the KL terms."""
+    """Softmax temperature of the KL terms (both sides; against the cached top-k it must be the cache's, 1)."""
     uld_weight: float = 1.0
     """--method uld: weight of the ULD distance (sorted-probability L1 to the teacher's cached top-k)."""
     kd_weight: float = 1.0

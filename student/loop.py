@@ -33,9 +33,10 @@ STAGE_TERMS = {
     2: ("ce", "kl", "reg_ce", "reg_kl", "student_ce", "total"),
     3: ("student_ce", "total"),
 }
-METHOD_TERMS = {"uld": ("student_ce", "uld", "total"), "kd": ("student_ce", "kd", "total")}  # not by stage
-VLSI_TERMS = {1: ("teacher_verbalizer_ce", "student_verbalizer_ce", "total"),
-              2: ("layer_kl", "last_kl", "student_ce", "total")}  # stage 2 adds match_s{l} per student layer
+METHOD_TERMS = {"uld": ("student_ce", "uld", "total"),  # not by stage
+                "kd": ("student_ce", "kd", "paired_share", "total")}
+VLSI_TERMS = {1: ("teacher_verbalizer_ce", "student_verbalizer_ce", "total"),  # stage 2 adds match_s{l} per layer
+              2: ("layer_kl", "last_kl", "student_ce", "paired_share", "total")}
 
 
 @dataclass

@@ -89,11 +89,13 @@ def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fal
     """Plain logit KD (`--method kd`, a student with the teacher's tokenizer; no Recalibrator, no teacher head):
     the student's own CE plus `kd_weight` x KL(teacher || student), forward KL, over the k+1 buckets of the
     cached top-k ids and one tail bucket (student/losses.py `logit_losses` -> `topk_tail_kl`, the same term as
-    GenRecal's `--teacher-distribution topk`). Positions are paired by index and cut to the shorter answer. The
-    cached log-probs are at temperature 1, so `temperature` scales the student's side only."""
+    GenRecal's `--teacher-distribution topk`). Positions are paired by index, cut to the shorter answer and at
+    the first position where the two sides' ids differ (`paired_share`: the share of teacher tokens paired).
+    The cached log-probs are at the cache's top-k temperature and `temperature` divides the student's logits:
+    student/train.py lets a run through only when the two agree."""
     _, logits = student_forward(student, batch, True, sharded)
     rows, teacher = paired_topk(batch, logits.device, "kd")
-    terms = {"student_ce": student_ce(logits, batch)}
+    terms = {"student_ce": student_ce(logits, batch), "paired_share": paired_share(batch, rows)}
     with torch.autocast(logits.device.type, enabled=False):
         _, kl = logit_losses(logits[rows].float(), None, teacher, cfg.temperature)
     terms["kd"] = kl / max(len(rows), 1)
@@ -101,25 +103,44 @@ def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fal
     return terms
 
 
-def paired_rows(batch: StudentBatch) -> tuple[list[int], list[int]]:
+def paired_rows(batch: StudentBatch, same_tokens: bool = False) -> tuple[list[int], list[int]]:
     """(rows of the student's answer-position logits, rows of the teacher's cached arrays) paired by index
-    within each answer, cut to the shorter of the two answers: row t of both predicts answer token t."""
+    within each answer, cut to the shorter of the two answers: row t of both predicts answer token t.
+
+    `same_tokens` (kd, vlsi: one tokenizer on both sides): cut each answer where the two id sequences first
+    differ (the student's template re-encodes the answer text, which need not give the ids the teacher
+    generated); from there on the two sides predict other tokens in other contexts."""
     s_rows, t_rows = [], []
     s_start = t_start = 0
     for item in batch.items:
         n_s, n_t = len(item.student.answer_ids), len(item.teacher_targets)
         n = min(n_s, n_t)
+        if same_tokens:
+            n = _common_prefix(item.student.answer_ids, item.teacher_targets.tolist(), n)
         s_rows.extend(range(s_start, s_start + n))
         t_rows.extend(range(t_start, t_start + n))
         s_start, t_start = s_start + n_s, t_start + n_t
     return s_rows, t_rows
 
 
+def _common_prefix(a, b, n: int) -> int:
+    """The number of leading positions (at most n) where sequences a and b hold the same id."""
+    for t in range(n):
+        if int(a[t]) != int(b[t]):
+            return t
+    return n
+
+
+def paired_share(batch: StudentBatch, t_rows) -> torch.Tensor:
+    """The share of the teacher's answer tokens that got a student row (1.0 when every answer pairs in full)."""
+    return torch.tensor(len(t_rows) / max(sum(len(item.teacher_targets) for item in batch.items), 1))
+
+
 def paired_topk(batch: StudentBatch, device, method: str) -> tuple[torch.Tensor, TopKTarget]:
-    """(student logit rows, the teacher's cached top-k at the paired rows), see `paired_rows`."""
+    """(student logit rows, the teacher's cached top-k at the paired rows), see `paired_rows` (kd: same_tokens)."""
     if any(item.teacher_topk is None for item in batch.items):
         raise ValueError(f"--method {method} needs a cache with top-k log-probs (it was written with --top-k 0)")
-    s_rows, t_rows = paired_rows(batch)
+    s_rows, t_rows = paired_rows(batch, same_tokens=method == "kd")
     teacher = TopKTarget.cat([item.teacher_topk for item in batch.items], device)
     t_rows = torch.tensor(t_rows, dtype=torch.long, device=device)
     return torch.tensor(s_rows, dtype=torch.long, device=device), teacher.slice(t_rows)

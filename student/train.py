@@ -94,12 +94,36 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
             check_teacher_head(cfg.cache, reader.manifest)
     else:
         read_samples(cfg.data, cfg.image_root)  # a missing or unreadable data source fails here
+    if reader is not None:
+        check_topk_targets(cfg, reader.manifest)
     identity = source_identity(cfg, reader.manifest if reader is not None else None)
     state = load_resume_state(out, cfg, identity) if resume else None
     model = str(out) if state else student_source(cfg)  # the previous stage must be finished
     check_same_tokenizer_first(cfg, reader, model)  # kd, vlsi: before anything else about the student
     verbalizers = check_vlsi_inputs(cfg, reader, out, state is not None, model)
     return Inputs(out, reader, identity, state, model, verbalizers)
+
+
+def check_topk_targets(cfg: TrainConfig, manifest) -> None:
+    """A stage whose loss reads the cached top-k (uld, kd; genrecal stages 1-2 and vlsi stage 2 with
+    --teacher-distribution topk) needs a cache that holds it, and a KL against it the cache's temperature: the
+    stored log-probs cannot be re-tempered (the tail is one bucket), and a student divided by another
+    temperature would be pulled towards p^(T_cache / T), not the teacher's distribution."""
+    topk = cfg.loss.teacher_distribution == "topk" and (
+        (cfg.method == "genrecal" and cfg.stage in (1, 2)) or (cfg.method == "vlsi" and cfg.stage == 2))
+    if not (topk or (cfg.method in ("uld", "kd") and cfg.stage == 2)):
+        return
+    what = f"--method {cfg.method}" + (" --teacher-distribution topk" if topk else "")
+    alternative = (", or --teacher-distribution exact (the teacher head on the cached features, which any temperature "
+                   "tempers on both sides)") if topk else ""
+    if manifest.topk.k == 0:
+        raise ValueError(f"{what} needs the cache's top-k log-probs, and {cfg.cache} was dumped with --top-k 0: dump "
+                         f"it again with --top-k 16 (say){alternative}")
+    cached = manifest.topk.temperature
+    if cfg.method != "uld" and cfg.loss.temperature != cached:  # ULD compares sorted probabilities, untempered
+        raise ValueError(f"{what}: the cache's top-k log-probs are at temperature {cached:g}, and a KL against them "
+                         f"with --temperature {cfg.loss.temperature:g} would not pull the student towards the "
+                         f"teacher's distribution: use --temperature {cached:g}{alternative}")
 
 
 def set_up(cfg: TrainConfig, inputs: Inputs, rank: int, world: int) -> Training:

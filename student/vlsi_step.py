@@ -16,8 +16,8 @@ Every head term goes through student/losses.py: the verbalizer terms in chunks w
 (`head_losses`; the teacher side of a KL is a constant `HeadTarget`), the last-layer terms on the student's
 own logits (`logit_losses`, plain autograd: its head trains through them). Both vocabularies are cut to the
 shared tokenizer's size (heads may carry padding rows beyond it). Teacher rows and student rows are paired by
-index within each answer, cut to the shorter one (student/step.py `paired_rows`); the CE terms use each side's
-whole answer.
+index within each answer, cut to the shorter one and where the two sides' ids first differ (student/step.py
+`paired_rows`; `paired_share` logs the share of teacher tokens paired); the CE terms use each side's whole answer.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pipeline.vlm.models import lm_head_and_scaling
 from student.batches import StudentBatch
 from student.config import LossConfig
 from student.losses import HeadTarget, TopKTarget, head_loss_values, head_losses, logit_losses
-from student.step import answer_hidden, paired_rows, student_ce, student_forward_all
+from student.step import answer_hidden, paired_rows, paired_share, student_ce, student_forward_all
 from student.vlsi import Verbalizers, match_layers
 
 
@@ -63,7 +63,8 @@ def vlsi_losses(student, parts: VLsIParts, head: TeacherHead, batch: StudentBatc
             s_ce = verbalizer_ce(parts.student, s_head, s_hidden, s_targets, parts.vocab, cfg.chunk_tokens)
             total = s_ce + t_ce if parts.train_teacher else s_ce
             return {"teacher_verbalizer_ce": t_ce, "student_verbalizer_ce": s_ce, "total": total}
-        s_rows, t_rows = (torch.tensor(r, dtype=torch.long, device=logits.device) for r in paired_rows(batch))
+        s_rows, t_rows = (torch.tensor(r, dtype=torch.long, device=logits.device)
+                          for r in paired_rows(batch, same_tokens=True))
         with torch.no_grad():
             layers = teacher_layer_rows(items, parts.teacher.layers)
             t_verbalized = [parts.teacher[layer](layers[layer].to(logits.device)[t_rows]) for layer in parts.teacher.layers]
@@ -71,7 +72,8 @@ def vlsi_losses(student, parts: VLsIParts, head: TeacherHead, batch: StudentBatc
         layer_kl, matches = matched_layer_kl(head, s_head, t_verbalized, s_verbalized, parts.window, parts.vocab,
                                              cfg.chunk_tokens, cfg.temperature)
         last_kl = last_layer_kl(head, logits[s_rows].float(), items, t_rows, cfg, parts.vocab)
-    terms = {"layer_kl": layer_kl, "last_kl": last_kl, "student_ce": student_ce(logits, batch)}
+    terms = {"layer_kl": layer_kl, "last_kl": last_kl, "student_ce": student_ce(logits, batch),
+             "paired_share": paired_share(batch, t_rows)}
     terms["total"] = (cfg.verbalizer_kl_weight * layer_kl + cfg.kd_weight * last_kl
                       + cfg.student_ce_weight * terms["student_ce"])
     for s_layer, j in zip(parts.student.layers, matches):

@@ -25,6 +25,8 @@ def _naive_kd(logits, batch, temperature=1.0):
     for b, item in enumerate(batch.items):
         p, n_s = item.student.prompt_len, len(item.student.answer_ids)
         n = min(n_s, len(item.teacher_targets))  # paired by index, cut to the shorter answer
+        differ = [t for t in range(n) if item.student.answer_ids[t] != int(item.teacher_targets[t])]
+        n = differ[0] if differ else n  # and where the two sides' ids first differ
         q = torch.softmax(logits[b, p - 1 : p - 1 + n].double() / temperature, -1)
         ids = item.teacher_topk.ids[:n].long()
         t = torch.cat([item.teacher_topk.logprobs[:n].double().exp(),
@@ -57,6 +59,49 @@ def test_kd_term_and_gradient_equal_a_naive_reference(same_cache, same_student, 
     torch.testing.assert_close(terms["total"], terms["student_ce"] + terms["kd"])
     weighted = kd_losses(model, batch, LossConfig(temperature=temperature, kd_weight=0.5, student_ce_weight=0.0))
     torch.testing.assert_close(weighted["total"], 0.5 * weighted["kd"])
+
+
+def test_pairing_stops_where_the_two_sides_ids_differ(same_cache, same_student):
+    from student.step import paired_rows
+
+    batch = _batch(same_cache, same_student)
+    lengths = [min(len(i.student.answer_ids), len(i.teacher_targets)) for i in batch.items]
+    assert paired_rows(batch, same_tokens=True) == paired_rows(batch)  # one tokenizer: every answer pairs in full
+    assert kd_losses(same_student.model, batch, LossConfig())["paired_share"] == 1.0
+    first = batch.items[0]
+    first.teacher_targets = first.teacher_targets.clone()
+    first.teacher_targets[1] = (first.teacher_targets[1] + 1) % len(same_student.tokenizer)  # the teacher's token 1 differs
+    s_rows, t_rows = paired_rows(batch, same_tokens=True)
+    assert len(s_rows) == len(t_rows) == 1 + sum(lengths[1:])  # the first answer keeps only its token 0
+    assert s_rows[:2] == [0, len(first.student.answer_ids)] and t_rows[:2] == [0, len(first.teacher_targets)]
+    assert len(paired_rows(batch)[0]) == sum(lengths)  # ULD (cross-tokenizer) pairs by index alone
+    share = kd_losses(same_student.model, batch, LossConfig())["paired_share"]
+    assert share == pytest.approx(len(t_rows) / sum(len(i.teacher_targets) for i in batch.items))
+
+
+def test_a_kl_against_the_cached_top_k_at_another_temperature_is_refused(same_cache):
+    import dataclasses
+
+    from pipeline.store.reader import CacheReader
+    from schemas.manifest import TopKInfo
+    from student.train import check_topk_targets
+
+    manifest = CacheReader(same_cache).manifest
+
+    def cfg(method, stage, **loss):
+        return TrainConfig(cache=str(same_cache), student="s", out="o", stage=stage, method=method, loss=LossConfig(**loss))
+
+    for method, stage, loss in (("kd", 2, {}), ("genrecal", 1, {"teacher_distribution": "topk"}),
+                                ("vlsi", 2, {"teacher_distribution": "topk"})):
+        check_topk_targets(cfg(method, stage, **loss), manifest)  # temperature 1, as cached
+        with pytest.raises(ValueError, match="top-k log-probs are at temperature 1.*use --temperature 1"):
+            check_topk_targets(cfg(method, stage, temperature=2.0, **loss), manifest)
+    check_topk_targets(cfg("genrecal", 2, temperature=2.0), manifest)  # exact: the head tempers both sides
+    check_topk_targets(cfg("uld", 2, temperature=2.0), manifest)  # ULD uses no temperature
+    check_topk_targets(cfg("vlsi", 1, temperature=2.0, teacher_distribution="topk"), manifest)  # stage 1: no KL
+    no_topk = dataclasses.replace(manifest, topk=TopKInfo(k=0))
+    with pytest.raises(ValueError, match="--method kd needs the cache's top-k log-probs.*--top-k 0"):
+        check_topk_targets(cfg("kd", 2), no_topk)
 
 
 def test_method_kd_is_a_stage_2_run_from_the_student_without_recalibrator(tmp_path, same_cache, same_student):
