@@ -48,7 +48,7 @@ class Training:
     vlm: object  # pipeline.vlm.models.LoadedVLM of the student
     rec: Recalibrator | None
     head: TeacherHead | None
-    parts: torch.nn.ModuleDict  # student (+ rec): what the optimizer state refers to
+    parts: torch.nn.ModuleDict  # student (+ rec or verbalizers): what the optimizer state refers to
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     batches: object  # iterator over this rank's micro-batches from `step` on

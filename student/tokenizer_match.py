@@ -36,12 +36,18 @@ def check_same_tokenizer(student_tokenizer, manifest, cache_dir, student_name: s
     if fingerprint == teacher.tokenizer_fingerprint and size == teacher.tokenizer_vocab_size:
         return
     teacher_tokenizer = _saved_teacher_tokenizer(cache_dir)
+    if teacher_tokenizer is not None and size == teacher.tokenizer_vocab_size and (
+            tokenizer_fingerprint(teacher_tokenizer) == fingerprint):
+        # the saved teacher tokenizer, read now the way the student's was, is the student's: the recorded
+        # fingerprint differs only through how it was computed then (another transformers, the processor's copy)
+        return
     details = differences(student_tokenizer, teacher_tokenizer) if teacher_tokenizer is not None else []
     if not details and size != teacher.tokenizer_vocab_size:
         details = [f"the student has {size} tokens, the teacher {teacher.tokenizer_vocab_size}"]
     if not details:
-        details = ["the vocabularies or special tokens differ (the teacher tokenizer is not saved in the cache, so "
-                   "only the fingerprints could be compared)"]
+        details = ["the vocabularies or special tokens differ" + (
+            " (the teacher tokenizer is not saved in the cache, so only the fingerprints could be compared)"
+            if teacher_tokenizer is None else "")]
     raise ValueError(
         f"--method {method} compares the two models' distributions token by token, so the student must use the "
         f"teacher's tokenizer (the same tokens at the same ids), and it does not.\n"

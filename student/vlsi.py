@@ -119,8 +119,11 @@ class Verbalizers(nn.Module):
 
 
 def teacher_source(manifest) -> dict:
-    """What teacher verbalizers are of: the cache's teacher (a verbalizer depends on the teacher's layers and
-    head, not on the data, so any cache of the same teacher may reuse it)."""
+    """What teacher verbalizers are of: the cache's teacher as its manifest records it (model as given to the
+    dump, dtype, sizes, tokenizer, ...; all but the chat template). A verbalizer depends on the teacher's layers
+    and head, not on the data, so another cache of that teacher may reuse it; a dump that named the same weights
+    otherwise (another path or alias) records another model and is refused, since the manifest cannot tell them
+    apart from other weights."""
     fields = {k: v for k, v in dataclasses.asdict(manifest.teacher).items() if k != "chat_template"}
     return json.loads(json.dumps(fields))  # as it reads back from verbalizers.json (tuples become lists)
 

@@ -133,7 +133,10 @@ def last_layer_kl(head: TeacherHead, s_logits: torch.Tensor, items, t_rows: torc
         teacher = TopKTarget.cat([item.teacher_topk for item in items], device).slice(t_rows)
     else:
         teacher = HeadTarget(head, torch.cat([item.teacher_features for item in items]).to(device)[t_rows])
-    _, kl = logit_losses(s_logits, None, teacher, cfg.temperature, vocab)
+    kl = s_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(t_rows), cfg.chunk_tokens):  # the teacher's logits one chunk of rows at a time
+        rows = slice(start, start + cfg.chunk_tokens)
+        kl = kl + logit_losses(s_logits[rows], None, teacher.slice(rows), cfg.temperature, vocab)[1]
     return kl / max(len(t_rows), 1)
 
 

@@ -16,15 +16,23 @@ teacher_verbalizers, student_verbalizers), never into the cache.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.vlm.models import decoder_layer_count
 from pipeline.vlm.parts import vlm_parts
-from student.checkpoint import stage_dir
+from student.checkpoint import CONFIG_FILE, stage_dir
 from student.config import TrainConfig, parse_layers
 from student.tokenizer_match import check_same_tokenizer, load_tokenizer
-from student.vlsi import STUDENT_VERBALIZERS_DIR, TEACHER_VERBALIZERS_DIR, Verbalizers, student_layers, teacher_source
+from student.vlsi import (
+    META,
+    STUDENT_VERBALIZERS_DIR,
+    TEACHER_VERBALIZERS_DIR,
+    Verbalizers,
+    student_layers,
+    teacher_source,
+)
 from student.vlsi_step import VLsIParts
 
 
@@ -38,8 +46,9 @@ class VerbalizerSources:
 
 
 def check_same_tokenizer_first(cfg: TrainConfig, reader, model: str) -> None:
-    """--method kd / vlsi: the student's tokenizer (read alone from `model`, no weights) against the cache's."""
-    if cfg.method in ("kd", "vlsi") and reader is not None:
+    """--method kd / vlsi stages 1-2: the student's tokenizer (read alone from `model`, no weights) against the
+    cache's (a vlsi stage 3 is plain SFT and needs no shared tokenizer)."""
+    if cfg.method in ("kd", "vlsi") and cfg.stage != 3 and reader is not None:
         check_same_tokenizer(load_tokenizer(model), reader.manifest, cfg.cache, model, cfg.method)
 
 
@@ -52,6 +61,7 @@ def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool, model:
     previous = stage_dir(cfg, 1) if cfg.stage == 2 and not cfg.from_student else None
     given = Path(cfg.teacher_verbalizers) if cfg.teacher_verbalizers else None
     if resumed:
+        _check_resumed_like_started(cfg, out)
         teacher, student = out / TEACHER_VERBALIZERS_DIR, out / STUDENT_VERBALIZERS_DIR
     else:
         teacher = given or (previous / TEACHER_VERBALIZERS_DIR if previous else None)
@@ -68,11 +78,32 @@ def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool, model:
     return VerbalizerSources(teacher, student, layers)
 
 
+def _check_resumed_like_started(cfg: TrainConfig, out: Path) -> None:
+    """A resumed stage trains the same verbalizers as when it started (the optimizer state holds theirs)."""
+    saved = json.loads((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).exists() else {}
+    if cfg.stage == 1 and "teacher_verbalizers" in saved and (saved["teacher_verbalizers"] is None) != (
+            cfg.teacher_verbalizers is None):
+        how = "with --teacher-verbalizers (teacher side frozen)" if saved["teacher_verbalizers"] else (
+            "without --teacher-verbalizers (teacher side trained)")
+        raise ValueError(f"--resume: {out} was started {how}; resume it the same way")
+    if cfg.student_layers is not None and saved.get("student_layers") != cfg.student_layers:
+        raise ValueError(f"--resume: {out} was started with --student-layers {saved.get('student_layers')}; resume "
+                         "it with the same layers (or without the option)")
+
+
+def saved_student_layers(folder: Path | None) -> tuple[int, ...] | None:
+    """The layers of the student verbalizers saved in `folder` (None: no folder)."""
+    if folder is None or not (folder / META).exists():
+        return None
+    return tuple(json.loads((folder / META).read_text())["layers"])
+
+
 def set_up_verbalizers(cfg: TrainConfig, sources: VerbalizerSources, vlm, manifest, device) -> VLsIParts:
     """Both sides' verbalizers on `device` (loaded or new), which of them train, and the shared vocabulary."""
     student = vlm.model
     depth = len(vlm_parts(student).layers)
-    spec = parse_layers(cfg.student_layers) if cfg.student_layers else None
+    # without --student-layers: those of the verbalizers loaded (stage 1's, or the resumed stage's), else the default
+    spec = parse_layers(cfg.student_layers) if cfg.student_layers else saved_student_layers(sources.student)
     s_layers = student_layers(spec, depth, sources.teacher_layers)
     teacher = Verbalizers("teacher", sources.teacher_layers, manifest.teacher.hidden_size, cfg.seed,
                           source=teacher_source(manifest))

@@ -1,5 +1,6 @@
 """--method kd (plain logit KD for a student with the teacher's tokenizer) and the same-tokenizer check."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,25 @@ def test_a_same_tokenizer_pair_passes_the_check(same_cache, same_student):
 
     tokenizer = load_tokenizer(same_student.path)  # the tokenizer alone, as train.py reads it before the weights
     check_same_tokenizer(tokenizer, CacheReader(same_cache).manifest, same_cache, same_student.path, "kd")
+
+
+def test_a_recorded_fingerprint_that_drifted_is_settled_by_the_saved_teacher_tokenizer(tmp_path, same_cache,
+                                                                                       same_student):
+    """The recorded fingerprint may differ from one computed now (another transformers); the teacher tokenizer saved
+    in the cache, fingerprinted now like the student's, then decides. Without it, the pair is refused."""
+    import dataclasses
+
+    from pipeline.store.reader import CacheReader
+    from schemas import TEACHER_HF_DIR
+    from student.tokenizer_match import check_same_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(same_student.path)
+    manifest = CacheReader(same_cache).manifest
+    drifted = dataclasses.replace(manifest, teacher=dataclasses.replace(manifest.teacher, tokenizer_fingerprint="0" * 64))
+    check_same_tokenizer(tokenizer, drifted, same_cache, same_student.path, "kd")
+    bare = tmp_path / "cache-without-teacher-hf"
+    shutil.copytree(same_cache, bare, ignore=lambda folder, names: [n for n in names if Path(folder, n) ==
+                                                                   Path(same_cache, TEACHER_HF_DIR)])
+    assert not (bare / TEACHER_HF_DIR).exists()
+    with pytest.raises(ValueError, match="the teacher tokenizer is not saved in the cache"):
+        check_same_tokenizer(tokenizer, drifted, bare, same_student.path, "kd")

@@ -109,6 +109,30 @@ def test_the_chunked_verbalized_kl_equals_the_naive_one_values_and_gradients(tem
     assert kl > 0.1 and all(a.abs().sum() > 0 for a in chunked)
 
 
+@pytest.mark.parametrize("chunk_tokens", [4, 1024])
+def test_the_last_layer_kl_in_row_chunks_equals_the_naive_one(chunk_tokens):
+    """Stage 2's last-layer KL: the teacher head on the cached final features of the paired rows, the student's own
+    logits; computed `chunk_tokens` rows at a time."""
+    from types import SimpleNamespace
+
+    from student.config import LossConfig
+    from student.vlsi_step import last_layer_kl
+
+    t_head, s_head, g = _heads()
+    items = [SimpleNamespace(teacher_features=torch.randn(n, 16, generator=g), teacher_topk=None) for n in (6, 9)]
+    t_rows = torch.tensor([0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12])  # 4 of the first answer's 6 rows, 7 of the second's 9
+    x = torch.randn(len(t_rows), 12, generator=g, requires_grad=True)
+    s_logits = s_head.logits(x)
+    kl = last_layer_kl(t_head, s_logits, items, t_rows, LossConfig(chunk_tokens=chunk_tokens), 300)
+    (grad,) = torch.autograd.grad(kl, x)
+    features = torch.cat([item.teacher_features for item in items])[t_rows]
+    naive = _naive_kl(t_head, s_head, features, x, 300)
+    (ref_grad,) = torch.autograd.grad(naive, x)
+    torch.testing.assert_close(kl.double(), naive, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-6)
+    assert kl > 0.1
+
+
 def test_the_matched_layer_kl_equals_the_naive_one_at_the_naive_matches():
     t_head, s_head, g = _heads(seed=1)
     t_layers = [torch.randn(11, 16, generator=g) for _ in range(4)]
@@ -264,6 +288,23 @@ def test_stage_1_reuses_teacher_verbalizers_of_an_earlier_run_without_training_t
     with pytest.raises(ValueError, match=r"layers: the folder has \[1, 2\], this run needs \[1, 2, 3\]"):
         train_stage(config(same_cache, same_student, tmp_path / "third", 1, teacher_verbalizers=str(given)),
                     progress=False)
+
+
+def test_stage_2_takes_stage_1s_student_layers_and_a_resume_keeps_what_the_stage_started_with(tmp_path, same_cache,
+                                                                                                same_student):
+    train_stage(config(same_cache, same_student, tmp_path / "run", 1, steps=2, student_layers="1"), progress=False)
+    metrics = train_stage(config(same_cache, same_student, tmp_path / "run", 2, steps=2), progress=False, stop_after=1)
+    assert set(metrics[0]) >= {"match_s1"} and "match_s2" not in metrics[0]  # stage 1's layer 1, not the default 1, 2
+    meta = json.loads((tmp_path / "run" / "stage2" / "student_verbalizers" / "verbalizers.json").read_text())
+    assert meta["layers"] == [1]
+    with pytest.raises(ValueError, match=r"--resume: .* started with --student-layers None"):
+        train_stage(config(same_cache, same_student, tmp_path / "run", 2, steps=2, student_layers="2"), resume=True,
+                    progress=False)
+    given = tmp_path / "run" / "stage1" / "teacher_verbalizers"
+    train_stage(config(same_cache, same_student, tmp_path / "other", 1, steps=2), progress=False, stop_after=1)
+    with pytest.raises(ValueError, match=r"--resume: .* started without --teacher-verbalizers"):
+        train_stage(config(same_cache, same_student, tmp_path / "other", 1, steps=2, teacher_verbalizers=str(given)),
+                    resume=True, progress=False)
 
 
 def test_a_cache_without_layers_or_verbalizers_is_refused_before_the_student_loads(
