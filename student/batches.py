@@ -72,6 +72,9 @@ class CacheStudentData(torch.utils.data.Dataset):
         self.teacher = teacher  # False: the student side only (stage 3 needs no teacher arrays)
         # True: every item also carries the cache's intermediate teacher layers (a cache without them fails here)
         self.layers = self.reader.require_layers() if layers else ()
+        if self.layers and not self.reader.read_layers:
+            raise ValueError(f"{self.reader.root}: the reader was opened with read_layers=False, so its samples carry "
+                             "no intermediate layers; open it with read_layers=True")
         self.processor, self.end_of_turn, self.pad_id = processor, set(end_of_turn), pad_id
         data = self.reader.manifest.data
         self.image_root = image_root or data.image_root

@@ -78,7 +78,7 @@ def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memor
                                f"{', '.join(map(str, METHOD_STAGES[method]))}")
         return report
     try:
-        reader = CacheReader(cache)
+        reader = CacheReader(cache, read_layers=method == "vlsi")
         if method in ("kd", "vlsi") and not _same_tokenizer(student, reader, cache, method, report):
             return report  # training refuses such a pair before the student loads; so does the check
         vlm = load_vlm(student, dtype="float32", device="cpu")

@@ -86,7 +86,8 @@ def check_inputs(cfg: TrainConfig, resume: bool, world: int = 1) -> Inputs:
     out = stage_dir(cfg)
     reader = None
     if cfg.cache is not None:
-        reader = CacheReader(cfg.cache)  # a folder without a readable manifest fails here
+        # a folder without a readable manifest fails here; only VLsI's stages 1-2 read the intermediate layers
+        reader = CacheReader(cfg.cache, read_layers=cfg.method == "vlsi" and cfg.stage != 3)
         if len(reader) == 0:
             raise ValueError(f"{cfg.cache}: the cache holds no committed samples (every one rejected, or the dump "
                              f"has not committed a shard yet); see `pipeline inspect {cfg.cache} --rejects`")

@@ -274,6 +274,32 @@ def test_verify_catches_a_damaged_layer_array(tmp_path, teacher):
     assert any("arrays.layer_features_1' is missing" in p for p in verify_cache(root).problems[other.name])
 
 
+def test_a_reader_without_layers_never_reads_the_layer_arrays(tmp_path, teacher):
+    """read_layers=False (every method but VLsI): with the layer arrays' chunks made unreadable, the rest still
+    reads the same, by sample and by whole shard; a reader that reads them fails."""
+    root = tmp_path / "c"
+    ids = [f"s{i:02d}" for i in range(10)]
+    write_cache(root, teacher, ids, layers=(1, 2))
+    full = CacheReader(root)
+    before = {sid: full.get(sid) for sid in ids}
+    for chunk in [p for p in (root / "shards").rglob("*") if p.is_file() and p.name != "zarr.json"
+                  and "layer_features_" in str(p)]:
+        chunk.write_bytes(b"not a compressed chunk")
+    lean = CacheReader(root, read_layers=False)
+    assert lean.layers == (1, 2)  # the manifest's, still
+    for sid in ids:
+        for sample in (lean.get(sid), lean.get_from_block(sid)):
+            assert sample.layer_features is None
+            assert np.array_equal(sample.features, before[sid].features)
+            assert np.array_equal(sample.target_ids, before[sid].target_ids)
+    with pytest.raises(Exception):  # the codec's own error: the chunks really are unreadable
+        CacheReader(root).get_from_block(ids[0])
+    from student.batches import CacheStudentData
+
+    with pytest.raises(ValueError, match="read_layers=False"):
+        CacheStudentData(lean, None, (), 0, layers=True)
+
+
 # -- the command line ----------------------------------------------------------------------------------------------
 def test_layer_options_parse_and_resolve():
     assert parse_layers("8,16,24") == (8, 16, 24) and parse_layers("every:2") == EveryLayers(2)

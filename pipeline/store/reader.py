@@ -112,12 +112,18 @@ class RowBlock:
 class CacheReader:
     """Read-only view of the committed shards of one cache folder."""
 
-    def __init__(self, cache_dir: str | Path, max_open_shards: int = 8, max_block_shards: int = 4):
+    def __init__(self, cache_dir: str | Path, max_open_shards: int = 8, max_block_shards: int = 4,
+                 read_layers: bool = True):
+        """`read_layers` False: samples come without their intermediate layer features (not read at all; for the
+        methods that do not use them, on a cache that holds them)."""
         self.root = Path(cache_dir)
         self.manifest: CacheManifest = read_manifest(self.root)
         self.layers: tuple[int, ...] = tuple(self.manifest.layers)  # intermediate layers stored (format 2)
-        self._layer_names = {name: (layer, kind) for layer in self.layers
-                             for kind, name in zip(("features", "scales"), layer_array_names(layer))}
+        self.read_layers = read_layers
+        layer_names = {name: (layer, kind) for layer in self.layers
+                       for kind, name in zip(("features", "scales"), layer_array_names(layer))}
+        self._layer_names = layer_names if read_layers else {}
+        self._skipped = frozenset() if read_layers else frozenset(layer_names)
         self._token_arrays = TOKEN_ARRAYS + tuple(self._layer_names)
         self.shards = committed_shards(self.root)
         self.indexes = {name: load_index(self.root, name, self.manifest) for name in self.shards}
@@ -201,7 +207,7 @@ class CacheReader:
         return block
 
     def _read_whole_shard(self, name: str) -> RowBlock:
-        arrays = read_whole_arrays(shard_dir(self.root, name))
+        arrays = read_whole_arrays(shard_dir(self.root, name), self._skipped)
         self.shard_reads += 1
         offsets, qoffsets = arrays["offsets"].astype(np.int64), arrays["question_offsets"].astype(np.int64)
         rows = len(self.indexes[name].sample_ids)
@@ -250,7 +256,7 @@ class CacheReader:
             fields.update({k: v[qa:qb] for k, v in block.questions.items()})
         if copy:
             fields = {k: v.copy() for k, v in fields.items()}
-        if self.layers:
+        if self._layer_names:
             layers: dict[str, dict[int, np.ndarray]] = {"features": {}, "scales": {}}
             for name in self._layer_names:
                 if name in fields:

@@ -136,9 +136,10 @@ def open_arrays(folder: Path) -> dict[str, zarr.Array]:
     return {name: group[name] for name in group.array_keys()}
 
 
-def read_whole_arrays(folder: Path) -> dict[str, np.ndarray]:
-    """Every array of one shard folder, read whole: one zarr read per array instead of one per array per sample."""
-    return {name: array[...] for name, array in open_arrays(folder).items()}
+def read_whole_arrays(folder: Path, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Every array of one shard folder but those named in `skip`, read whole: one zarr read per array instead of
+    one per array per sample."""
+    return {name: array[...] for name, array in open_arrays(folder).items() if name not in skip}
 
 
 def read_table(path: Path) -> pa.Table:
