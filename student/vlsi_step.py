@@ -99,8 +99,11 @@ def teacher_verbalizer_ce(verbalizers: Verbalizers, head: TeacherHead, layer_row
 
 def verbalizer_ce(verbalizers: Verbalizers, head, hidden: dict[int, torch.Tensor], targets: torch.Tensor, vocab: int,
                   chunk_tokens: int = 1024) -> torch.Tensor:
-    """Mean over the verbalizers' layers of the CE of head(V_l(hidden[l])) against `targets`, in head chunks."""
-    ces = [head_losses(head, verbalizers[layer](hidden[layer]), targets, None, chunk_tokens, vocab=vocab)[0]
+    """Mean over the verbalizers' layers of the CE of head(V_l(hidden[l])) against `targets`, in head chunks
+    (values only when no gradient is wanted, e.g. frozen teacher verbalizers: the chunked loss would compute
+    each chunk's gradient anyway)."""
+    losses = head_losses if torch.is_grad_enabled() else head_loss_values
+    ces = [losses(head, verbalizers[layer](hidden[layer]), targets, None, chunk_tokens, vocab=vocab)[0]
            for layer in verbalizers.layers]
     return torch.stack(ces).mean()
 
