@@ -102,6 +102,13 @@ def markdown(doc: dict, command: str) -> str:
                   "easy-vqa:test questions.", ""]
         lines += pair_tables(doc, [r for r in doc["summary"] if r["pair"] == "cross-tokenizer"], s,
                              ("teacher", "base_student"))
+    if "cross_tokenizer_from" in doc and "same_tokenizer" in doc:
+        same = doc["same_tokenizer"]["references"]["teacher"]
+        lines += [f"The cross-tokenizer section above was carried over from an earlier run ({doc['command']}); the "
+                  "section below comes from another run, which trained its teacher again with the same recipe chain "
+                  f"and seeds: that teacher scores {100 * same['accuracy']:.1f}% on test against "
+                  f"{100 * doc['teacher']['accuracy']:.1f}% above, so the two pairs' teachers are not the same "
+                  "weights.", ""]
     if "same_tokenizer" in doc:
         import quality_same_tokenizer
 
@@ -241,7 +248,7 @@ def _carry_over_cross(doc: dict, previous: Path, command: str) -> str:
     old = json.loads(previous.read_text())
     if "references" not in old:
         return command
-    if old["settings"] != doc["settings"]:
+    if old["settings"] != json.loads(json.dumps(doc["settings"])):  # as JSON: tuples read back as lists
         raise SystemExit(f"{previous}: its cross-tokenizer section ran with other settings than WORK's; rerun that "
                          "pair into WORK (--pairs cross) or write the report to another --results folder")
     doc |= {k: old[k] for k in CROSS_FIELDS if k in old}
