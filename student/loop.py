@@ -65,7 +65,7 @@ def run_loop(t: Training, log: MetricsLog | None, progress: bool, stop_after: in
     """Optimizer steps from `t.step` to `cfg.steps` (or `stop_after` of them, tests), each logged to `log`
     (rank 0; None elsewhere), checkpointing every `save_every` steps and at the end; returns the records."""
     cfg, step = t.cfg, t.step
-    run = _Run(cfg, t.vlm.model, t.rec, t.head, t.bf16, t.replicated, t.params, t.vlsi)
+    run = _Run(cfg, t.vlm.model, t.rec, t.head, t.bf16, t.replicated, t.params, t.vlsi, len(t.vlm.tokenizer))
     metrics, bar = [], _bar(cfg, step, progress)
     while step < cfg.steps and (stop_after is None or len(metrics) < stop_after):
         record = run.optimizer_step(t.batches, step, t.optimizer)
@@ -91,8 +91,9 @@ class _Run:
     """What one optimizer step needs, fixed for the whole stage."""
 
     def __init__(self, cfg: TrainConfig, student, rec, head, bf16: bool, replicated: list, params: list,
-                 vlsi: VLsIParts | None = None):
+                 vlsi: VLsIParts | None = None, vocab: int | None = None):
         self.cfg, self.student, self.rec, self.head, self.bf16, self.vlsi = cfg, student, rec, head, bf16, vlsi
+        self.vocab = vocab  # the student tokenizer's size: kd's softmax leaves the head's padding rows out
         self.replicated, self.params = replicated, params  # gradients averaged by hand / all trainable
 
     def optimizer_step(self, batches, step: int, optimizer) -> dict:
@@ -141,9 +142,10 @@ class _Run:
         return {"grad_norm": total, "grad_norm_student": s_norm, "grad_norm_beside": b_norm}
 
     def _terms(self, batch, measure_reliance: bool) -> dict:
-        if self.cfg.method in ("uld", "kd"):
-            losses = uld_losses if self.cfg.method == "uld" else kd_losses
-            return losses(self.student, batch, self.cfg.loss, self.cfg.fsdp)
+        if self.cfg.method == "uld":
+            return uld_losses(self.student, batch, self.cfg.loss, self.cfg.fsdp)
+        if self.cfg.method == "kd":
+            return kd_losses(self.student, batch, self.cfg.loss, self.cfg.fsdp, self.vocab)
         if self.vlsi is not None:
             return vlsi_losses(self.student, self.vlsi, self.head, batch, self.cfg.stage, self.cfg.loss)
         if self.cfg.stage == 3:

@@ -85,19 +85,20 @@ def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fa
     return terms
 
 
-def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = False) -> dict:
+def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = False, vocab: int | None = None) -> dict:
     """Plain logit KD (`--method kd`, a student with the teacher's tokenizer; no Recalibrator, no teacher head):
     the student's own CE plus `kd_weight` x KL(teacher || student), forward KL, over the k+1 buckets of the
     cached top-k ids and one tail bucket (student/losses.py `logit_losses` -> `topk_tail_kl`, the same term as
     GenRecal's `--teacher-distribution topk`). Positions are paired by index, cut to the shorter answer and at
     the first position where the two sides' ids differ (`paired_share`: the share of teacher tokens paired).
     The cached log-probs are at the cache's top-k temperature and `temperature` divides the student's logits:
-    student/train.py lets a run through only when the two agree."""
+    student/train.py lets a run through only when the two agree. `vocab`: the shared tokenizer's size; the
+    student head's padding rows beyond it are left out of its softmax, as VLsI does."""
     _, logits = student_forward(student, batch, True, sharded)
     rows, teacher = paired_topk(batch, logits.device, "kd")
     terms = {"student_ce": student_ce(logits, batch), "paired_share": paired_share(batch, rows)}
     with torch.autocast(logits.device.type, enabled=False):
-        _, kl = logit_losses(logits[rows].float(), None, teacher, cfg.temperature)
+        _, kl = logit_losses(logits[rows].float(), None, teacher, cfg.temperature, vocab)
     terms["kd"] = kl / max(len(rows), 1)
     terms["total"] = cfg.student_ce_weight * terms["student_ce"] + cfg.kd_weight * terms["kd"]
     return terms

@@ -210,3 +210,26 @@ def test_a_recorded_fingerprint_that_drifted_is_settled_by_the_saved_teacher_tok
     assert not (bare / TEACHER_HF_DIR).exists()
     with pytest.raises(ValueError, match="the teacher tokenizer is not saved in the cache"):
         check_same_tokenizer(tokenizer, drifted, bare, same_student.path, "kd")
+
+
+def test_kd_leaves_the_student_heads_padding_rows_out(same_cache, same_student):
+    """A head padded beyond the tokenizer (resize_token_embeddings) gives the same KD term as the unpadded one
+    when cut to the tokenizer's size, as training does; without the cut the padding rows take probability mass."""
+    import copy
+
+    batch = _batch(same_cache, same_student)
+    model = same_student.model
+    size = len(same_student.tokenizer)
+    assert model.get_output_embeddings().weight.shape[0] == size  # the fixture's head has no padding of its own
+    padded = copy.deepcopy(model)
+    padded.resize_token_embeddings(size + 16)
+    with torch.no_grad():
+        padded.get_output_embeddings().weight[size:] = 3 * model.get_output_embeddings().weight[:16]
+    reference = kd_losses(model, batch, LossConfig())["kd"]
+    torch.testing.assert_close(kd_losses(padded, batch, LossConfig(), vocab=size)["kd"], reference, rtol=1e-5, atol=1e-6)
+    assert abs(float(kd_losses(padded, batch, LossConfig())["kd"]) - float(reference)) > 1e-3
+    from student.loop import _Run  # the training step's dispatch hands the tokenizer's size on
+
+    cfg = TrainConfig(cache=str(same_cache), student="s", out="o", stage=2, method="kd")
+    terms = _Run(cfg, padded, None, None, False, [], [], None, size)._terms(batch, False)
+    torch.testing.assert_close(terms["kd"], reference, rtol=1e-5, atol=1e-6)
