@@ -228,23 +228,20 @@ def _stage_extra(pair: _Pair, stage: int, report: CheckReport):
 
 
 def _verbalizers(pair: _Pair, stage: int, report: CheckReport):
+    """Both sides' verbalizers as a `student train --method vlsi` stage sets them up (new ones, default layers)."""
     from student.config import TrainConfig
-    from student.vlsi import Verbalizers, default_student_layers
-    from student.vlsi_step import VLsIParts
+    from student.vlsi_train import VerbalizerSources, set_up_verbalizers
 
-    layers = tuple(pair.reader.manifest.layers)
-    depth = len(pair.parts.layers)
-    if depth < 2:
-        report.problems.append(f"the student has {depth} decoder layer(s): VLsI needs an intermediate layer")
+    cfg = TrainConfig(cache=str(pair.reader.root), student=str(pair.vlm.path), out="check", stage=stage, method="vlsi")
+    sources = VerbalizerSources(None, None, tuple(pair.reader.manifest.layers))
+    try:
+        parts = set_up_verbalizers(cfg, sources, pair.vlm, pair.reader.manifest, "cpu")
+    except ValueError as err:  # e.g. a student with no intermediate layer
+        report.problems.append(f"stage {stage}: {err}")
         return False
-    s_layers = default_student_layers(depth, len(layers))
-    teacher = Verbalizers("teacher", layers, pair.reader.manifest.teacher.hidden_size)
-    student = Verbalizers("student", s_layers, pair.parts.hidden_size)
-    teacher.requires_grad_(stage == 1)  # stage 1 trains the teacher's verbalizers too (unless given)
-    report.lines.append(f"stage {stage} verbalizers: teacher layers {', '.join(map(str, layers))}, student layers "
-                        f"{', '.join(map(str, s_layers))} (--student-layers picks others)")
-    window = TrainConfig.__dataclass_fields__["match_window"].default
-    return VLsIParts(teacher, student, pair.reader.manifest.teacher.tokenizer_vocab_size, window, stage == 1)
+    report.lines.append(f"stage {stage} verbalizers: teacher layers {', '.join(map(str, parts.teacher.layers))}, "
+                        f"student layers {', '.join(map(str, parts.student.layers))} (--student-layers picks others)")
+    return parts
 
 
 def _extra_trained(extra) -> list:

@@ -95,6 +95,8 @@ class _Run:
         self.cfg, self.student, self.rec, self.head, self.bf16, self.vlsi = cfg, student, rec, head, bf16, vlsi
         self.vocab = vocab  # the student tokenizer's size: kd's softmax leaves the head's padding rows out
         self.replicated, self.params = replicated, params  # gradients averaged by hand / all trainable
+        student_ids = {id(p) for p in student.parameters()}  # the two parts whose gradient norms are logged
+        self.parts = ([p for p in params if id(p) in student_ids], [p for p in params if id(p) not in student_ids])
 
     def optimizer_step(self, batches, step: int, optimizer) -> dict:
         """One optimizer step over `grad_accum` micro-batches drawn from the `batches` iterator."""
@@ -135,9 +137,7 @@ class _Run:
         trains beside it: the Recalibrator or VLsI's verbalizers). AdamW's steps hardly depend on a common scale
         of the gradients, so one clip over both parts does not shrink the student's steps; the per-part norms say
         how large each part's gradients are (e.g. a new Recalibrator behind a large teacher head)."""
-        student_ids = {id(p) for p in self.student.parameters()}
-        s_norm = gradient_norm([p for p in self.params if id(p) in student_ids])
-        b_norm = gradient_norm([p for p in self.params if id(p) not in student_ids])
+        s_norm, b_norm = (gradient_norm(part) for part in self.parts)
         total = clip_gradients(self.params, self.cfg.max_grad_norm, norm=(s_norm**2 + b_norm**2) ** 0.5)
         return {"grad_norm": total, "grad_norm_student": s_norm, "grad_norm_beside": b_norm}
 
