@@ -69,6 +69,7 @@ def dump_teacher_command(progress: bool, num_workers, worker_index, **options):
     Exit status 1 when too many samples were rejected (see --max-reject-fraction) or the vLLM phase failed."""
     from pipeline.dump import dump_teacher, rejection_problem
     from pipeline.response_log import GenerationPhaseError
+    from pipeline.vlm.generation import GenerationError
 
     from pipeline.dump_config import EveryLayers, LayerChoiceError, resolve_layers, teacher_layer_count
 
@@ -85,7 +86,7 @@ def dump_teacher_command(progress: bool, num_workers, worker_index, **options):
         stats = _or_fail(dump_teacher, cfg, progress=progress)
     except LayerChoiceError as err:  # a layer the teacher does not have: found once its layer count is known
         raise click.UsageError(str(err)) from None
-    except GenerationPhaseError as err:
+    except (GenerationPhaseError, GenerationError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(1)
     click.echo(f"worker {i}/{n}: {dump_summary(stats, cfg.out)}")

@@ -28,6 +28,7 @@ from pipeline.dump_config import (
     DumpConfig,
     build_manifest,
     load_teacher,
+    my_slice,
     resolve_layers,
     save_teacher_files,
     teacher_layer_count,
@@ -37,7 +38,7 @@ from pipeline.feature_pass import FeaturePass, pack_batches
 from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers, too_many_images
 from pipeline.store.layout import committed_sample_ids
 from pipeline.store.writer import CacheWriter
-from pipeline.vlm.data import BadSample, DataSample, ImageError, read_samples
+from pipeline.vlm.data import BadSample, DataSample, ImageError
 from pipeline.vlm.generation import HFGenerator, resolve_backend
 from pipeline.vlm.images import store_image
 from pipeline.vlm.prompting import TemplateError, encode_sample
@@ -124,6 +125,19 @@ REJECT_HINTS = {
 }
 
 
+# With --responses generate an empty answer is the teacher's, not the data's: it stopped at once.
+GENERATED_EMPTY_HINT = ("the teacher's own answers are empty (its first token was a stop id): check that its chat "
+                        "template ends the prompt with the assistant's turn, its eos/stop ids (generation_config.json) "
+                        "and that the model answers these prompts; or use the data's answers (--responses dataset)")
+
+
+def reject_hint(cfg: DumpConfig, stage: str) -> str:
+    """What to try first when most samples are rejected at `stage`, for this run's answer source."""
+    if stage == "answer" and cfg.responses == "generate":
+        return GENERATED_EMPTY_HINT
+    return REJECT_HINTS.get(stage, "see the reasons")
+
+
 def rejection_problem(cfg: DumpConfig, stats: DumpStats) -> str | None:
     """The error to exit with when too many of this worker's samples were rejected, else None.
 
@@ -141,7 +155,7 @@ def rejection_problem(cfg: DumpConfig, stats: DumpStats) -> str | None:
     for stage, rows in leading[:4]:
         ids = ", ".join(sid for sid, _ in rows[:3]) + (", ..." if len(rows) > 3 else "")
         lines.append(f"  {stage} {len(rows)}: {ids}; e.g. {rows[0][1][:160]}")
-    lines.append(f"What to do: {REJECT_HINTS.get(leading[0][0], 'see the reasons')}. Rejected samples are not "
+    lines.append(f"What to do: {reject_hint(cfg, leading[0][0])}. Rejected samples are not "
                  f"retried on a rerun: dump to a new --out after the fix. All of them: pipeline inspect {cfg.out} --rejects")
     return "\n".join(lines)
 
@@ -226,7 +240,7 @@ def _encode(cfg: DumpConfig, teacher, item: Loaded, responses: ResponseLog | Non
         if problem:  # logged errors name their stage (length, template, image); older logs do not
             return bad((record or {}).get("stage", "generate"), problem)
     if not answer or not answer.strip():
-        return bad("answer", "empty answer")
+        return bad("answer", "empty generated answer" if responses is not None else "empty answer")
     try:
         encoded = encode_sample(teacher.processor, sample.sample_id, sample.messages, item.images, answer, teacher.end_of_turn)
     except TemplateError as err:
@@ -235,15 +249,6 @@ def _encode(cfg: DumpConfig, teacher, item: Loaded, responses: ResponseLog | Non
         return bad("length", f"{encoded.total_len} tokens > --max-length {cfg.max_length}")
     sample.answer = answer
     return encoded, sample
-
-
-def my_slice(cfg: DumpConfig):
-    """This worker's samples (DataSample or BadSample), in data order."""
-    for i, sample in enumerate(read_samples(cfg.data, image_root=cfg.image_root, split=cfg.split)):
-        if cfg.limit is not None and i >= cfg.limit:
-            return
-        if i % cfg.num_workers == cfg.worker_index:
-            yield sample
 
 
 def _windows(items: list, size: int):

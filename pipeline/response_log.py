@@ -28,6 +28,7 @@ from schemas.dataclass_io import from_dict, to_dict
 from pipeline.progress import progress_bar
 from pipeline.vlm.answers import answers_agree
 from pipeline.vlm.data import DataSample, ImageError
+from pipeline.vlm.generation import Failed, batched_images
 from pipeline.vlm.prompting import TemplateError, render
 
 # The class the vLLM child builds its generator from ("module:attribute"); tests name a stand-in here.
@@ -105,14 +106,16 @@ def log_answers(generator, processor, loaded: list[tuple[DataSample, list]], log
         prompts.append((text, images))
         waiting.append(sample.sample_id)
     for sample_id, text in zip(waiting, generator.generate(prompts) if prompts else []):
-        records.append({"sample_id": sample_id, "response": text})
+        if isinstance(text, Failed):  # the model could not answer this prompt: the sample is rejected, with why
+            records.append({"sample_id": sample_id, "stage": "generate", "error": f"generation failed: {text.reason}"})
+        else:
+            records.append({"sample_id": sample_id, "response": text})
     log.append(records)
 
 
 def prompt_length(processor, text: str, images: list) -> int:
     """Tokens of a rendered prompt as the processor expands it (image placeholders become image tokens)."""
-    kwargs = {"images": images} if images else {}
-    return int(processor(text=[text], return_tensors="pt", **kwargs)["input_ids"].shape[1])
+    return int(processor(text=[text], return_tensors="pt", **batched_images([images]))["input_ids"].shape[1])
 
 
 def too_many_images(sample: DataSample, max_images: int | None) -> str | None:
@@ -193,8 +196,7 @@ def vllm_child_main(argv: list[str] | None = None) -> None:
 
 def run_vllm_phase(cfg, generator_class, progress: bool) -> None:
     """Answer every sample of this worker's slice that is neither committed nor logged (in the child)."""
-    from pipeline.dump import my_slice
-    from pipeline.dump_config import writer_id
+    from pipeline.dump_config import my_slice, writer_id
     from pipeline.store.layout import committed_sample_ids
     from pipeline.vlm.generation import model_sampling
     from pipeline.vlm.models import end_of_turn_ids, resolve_model, tokenizer_of

@@ -28,7 +28,7 @@ from pipeline.progress import progress_bar
 from pipeline.vlm.answers import is_match
 from pipeline.vlm.data import BadSample, DataSample, read_samples
 from pipeline.store.fsutil import write_atomic
-from pipeline.vlm.generation import GenerationSettings, HFGenerator
+from pipeline.vlm.generation import Failed, GenerationSettings, HFGenerator
 from pipeline.vlm.images import ImageError
 from pipeline.vlm.models import load_vlm, pick_device
 from pipeline.vlm.prompting import TemplateError, render
@@ -154,7 +154,10 @@ def score(items: Iterable[DataSample | BadSample], predictor: Predictor, batch_s
         if len(predictions) != len(batch):
             raise RuntimeError(f"predictor returned {len(predictions)} answers for {len(batch)} prompts")
         for p, prediction in zip(batch, predictions):
-            tally.add(p.sample, prediction)
+            if isinstance(prediction, Failed):
+                tally.skip(p.sample.sample_id, f"generation failed: {prediction.reason}")
+            else:
+                tally.add(p.sample, prediction)
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(acc=f"{tally.correct / max(tally.total, 1):.3f}", refresh=False)

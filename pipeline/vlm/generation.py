@@ -127,18 +127,52 @@ class HFGenerator:
         self.vlm, self.settings, self.batch_size = vlm, settings, batch_size
         self.sampling = loaded_sampling(vlm, settings)
         self.stop_ids, self.pad_id = self.sampling["stop_token_ids"], vlm.pad_id
+        self.batches_done = 0  # the first batch is the probe: a failure there that every batch would share stops
 
-    def generate(self, prompts: list[Prompt]) -> list[str]:
-        """One answer per prompt, in the prompts' order."""
+    def generate(self, prompts: list[Prompt]) -> list[str | Failed]:
+        """One answer per prompt, in the prompts' order; a `Failed` for a prompt the model cannot answer.
+
+        A batch that fails is tried again a prompt at a time, so one bad sample never costs its batch. If
+        the first batch fails as a batch while its prompts pass alone, batching itself is broken for this
+        family (every batch would fail): `GenerationError` stops the run before it spends time, saying so;
+        likewise when every prompt of the first batch fails on its own."""
         # Prompts of similar size share a batch, so that little compute goes to padding. Image
         # pixels come first: with dynamic-resolution families they decide most of the length.
         order = sorted(range(len(prompts)), key=lambda i: (_pixels(prompts[i][1]), len(prompts[i][0])))
-        texts: list[str] = [""] * len(prompts)
+        texts: list[str | Failed] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            for i, text in zip(rows, self._batch([prompts[i] for i in rows])):
+            for i, text in zip(rows, self._batch_or_each([prompts[i] for i in rows])):
                 texts[i] = text
+            self.batches_done += 1
         return texts
+
+    def _batch_or_each(self, prompts: list[Prompt]) -> list[str | Failed]:
+        try:
+            return self._batch(prompts)
+        except Exception as err:  # noqa: BLE001 - any model/processor failure becomes a reject or a stop
+            batch_error = err
+        each = [self._one(p) for p in prompts]
+        failed = [x for x in each if isinstance(x, Failed)]
+        if self.batches_done == 0 and len(prompts) > 1 and not failed:
+            raise GenerationError(
+                f"generation fails for {self._family()} at batch size {self.batch_size} and works one prompt at a "
+                f"time: {_describe(batch_error)}. Run with --generate-batch-size 1 (`student eval`: --batch-size 1), "
+                "and report the family.") from None
+        if self.batches_done == 0 and len(failed) == len(prompts):
+            raise GenerationError(
+                f"generation fails for {self._family()} on every prompt of the first batch, one at a time too: "
+                f"{failed[0].reason}. Check that the model loads and generates on its own.") from None
+        return each
+
+    def _one(self, prompt: Prompt) -> str | Failed:
+        try:
+            return self._batch([prompt])[0]
+        except Exception as err:  # noqa: BLE001
+            return Failed(_describe(err))
+
+    def _family(self) -> str:
+        return f"model family {getattr(self.vlm, 'family', None) or type(self.vlm.model).__name__!r}"
 
     def _batch(self, prompts: list[Prompt]) -> list[str]:
         import torch
@@ -157,9 +191,7 @@ class HFGenerator:
     def _inputs(self, prompts: list[Prompt]):
         tokenizer = self.vlm.tokenizer
         kwargs = {"text": [text for text, _ in prompts], "padding": True, "return_tensors": "pt"}
-        images = [image for _, row in prompts for image in row]
-        if images:
-            kwargs["images"] = images
+        kwargs.update(batched_images([row for _, row in prompts]))
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:
             return self.vlm.processor(**kwargs).to(self.vlm.device)
@@ -171,6 +203,31 @@ class HFGenerator:
         stops = set(self.stop_ids)
         end = next((i for i, token in enumerate(ids) if token in stops), len(ids))
         return self.vlm.tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A prompt the model could not answer (the dump rejects its sample, `student eval` skips it)."""
+
+    reason: str
+
+
+class GenerationError(ValueError):
+    """Generation cannot work for this model and setting: no sample would pass, so the run stops at once."""
+
+
+def _describe(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def batched_images(rows: list[list]) -> dict:
+    """The `images=` argument of a processor call over several prompts: one list of images per prompt.
+
+    Every processor takes this nested layout (the base class flattens it where it wants a flat list),
+    while some (Gemma 3, Mllama, Idefics3) need it to know which images belong to which prompt: a flat
+    list reads as all images of the first prompt. Prompts without images keep an empty list."""
+    return {"images": [list(row) for row in rows]} if any(rows) else {}
 
 
 def _pixels(images: list) -> int:

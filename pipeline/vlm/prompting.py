@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.vlm.generation import batched_images
 from pipeline.vlm.models import tokenizer_of
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -75,9 +76,7 @@ def encode_sample(processor, sample_id: str, messages: list[dict], images: list,
     """Processor inputs for the prompt (images expanded into image tokens) plus the answer ids."""
     prompt = render(processor, messages, add_generation_prompt=True)
     answer_ids = answer_token_ids(processor, messages, answer, end_of_turn)
-    kwargs = {"text": [prompt], "return_tensors": "pt"}
-    if images:
-        kwargs["images"] = images
+    kwargs = {"text": [prompt], "return_tensors": "pt", **batched_images([images])}
     try:
         inputs = dict(processor(**kwargs))
     except Exception as err:  # processors raise ValueError / IndexError on placeholder-count mismatches
@@ -99,33 +98,70 @@ def answer_types(processor) -> dict:
 
 
 def collate(samples: list[EncodedSample], pad_id: int) -> dict:
-    """Right-padded batch of prompt + answer for a forward pass.
+    """Right-padded batch of prompt + answer for a forward pass, from whatever tensors the processor returned.
 
-    Sequence tensors ([1, P]) get the answer appended (ids for input_ids, 1 for the
-    attention mask, 0 otherwise) and are padded; every other tensor (pixel values,
-    image grids) is concatenated along dim 0, as each family's processor does for a batch.
+    A tensor with a sequence dimension ([1, P, ...]) gets the answer appended along it and is padded to the
+    longest row (pad id for input_ids, 0 otherwise):
+    - input_ids: the answer ids; attention_mask: ones;
+    - any other mask (e.g. Mllama's cross_attention_mask [1, P, images, tiles]): the last prompt position's
+      row, repeated, so that answer tokens see what the last prompt token sees (as generation extends it);
+    - the rest (token type ids, mm_token_type_ids): the family's answer type (`answer_types`), else 0.
+    Every other tensor (pixel values, image grids, aspect ratios) is concatenated along dim 0, zero-padded in
+    its other dimensions where samples differ (more images or tiles in one sample), as processors pad a batch.
     """
     length = max(s.total_len for s in samples)
     rows: dict[str, list] = {}
     others: dict[str, list] = {}
     for s in samples:
-        answer = torch.tensor(s.answer_ids, dtype=torch.long)
         for key, value in s.prompt_inputs.items():
             if not isinstance(value, torch.Tensor):
                 continue
             if not _is_sequence(key, value, s.prompt_len):
                 others.setdefault(key, []).append(value)
                 continue
-            fill = (s.answer_types or {}).get(key, 0)
-            tail = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key, torch.full_like(answer, fill))
-            row = torch.cat([value[0], tail.to(value.dtype)])
+            row = torch.cat([value[0], _answer_tail(key, value[0], s)])
             pad_value = pad_id if key == "input_ids" else 0
-            rows.setdefault(key, []).append(torch.nn.functional.pad(row, (0, length - len(row)), value=pad_value))
-    batch = {key: torch.stack(v) for key, v in rows.items()}
-    batch.update({key: torch.cat(v) for key, v in others.items()})
+            rows.setdefault(key, []).append(_pad_to(row, (length, *row.shape[1:]), pad_value))
+    batch = {key: _stack_padded(v, stack=True) for key, v in rows.items()}
+    batch.update({key: _stack_padded(v, stack=False) for key, v in others.items()})
     return batch
 
 
-def _is_sequence(key: str, value: torch.Tensor, prompt_len: int) -> bool:
-    return key in SEQUENCE_KEYS or (value.dim() == 2 and tuple(value.shape) == (1, prompt_len) and key != "image_grid_thw")
+def _answer_tail(key: str, prompt_row: torch.Tensor, sample: EncodedSample) -> torch.Tensor:
+    """What a sequence tensor holds at the answer positions (see `collate`)."""
+    n = len(sample.answer_ids)
+    if key == "input_ids":
+        return torch.tensor(sample.answer_ids, dtype=prompt_row.dtype)
+    if key == "attention_mask":
+        return torch.ones(n, *prompt_row.shape[1:], dtype=prompt_row.dtype)
+    if "mask" in key:
+        return prompt_row[-1:].expand(n, *prompt_row.shape[1:]).clone()
+    fill = (sample.answer_types or {}).get(key, 0)
+    return torch.full((n, *prompt_row.shape[1:]), fill, dtype=prompt_row.dtype)
 
+
+def _pad_to(x: torch.Tensor, shape: tuple, value=0) -> torch.Tensor:
+    """`x` padded at the end of every dimension up to `shape`."""
+    pads = []
+    for have, want in zip(reversed(x.shape), reversed(shape)):
+        pads += [0, want - have]
+    return torch.nn.functional.pad(x, pads, value=value) if any(pads) else x
+
+
+def _stack_padded(values: list[torch.Tensor], stack: bool) -> torch.Tensor:
+    """Stacked (new dim 0) or concatenated (dim 0) after zero-padding dims 1.. (0.. when stacking) to the max."""
+    first = 0 if stack else 1
+    shape = [max(v.shape[d] for v in values) for d in range(first, values[0].dim())]
+    padded = [_pad_to(v, (*v.shape[:first], *shape)) for v in values]
+    return torch.stack(padded) if stack else torch.cat(padded)
+
+
+NOT_SEQUENCE_KEYS = ("image_grid_thw", "video_grid_thw", "image_sizes")
+
+
+def _is_sequence(key: str, value: torch.Tensor, prompt_len: int) -> bool:
+    """A tensor whose dim 1 runs over the prompt's tokens (besides the keys every family uses for them)."""
+    if key in SEQUENCE_KEYS:
+        return True
+    return (value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == prompt_len and key not in NOT_SEQUENCE_KEYS
+            and not key.startswith("pixel_values"))
