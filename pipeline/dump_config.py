@@ -214,6 +214,18 @@ def writer_id(cfg: DumpConfig) -> str:
     return f"w{cfg.worker_index:05d}"
 
 
+def my_slice(cfg: DumpConfig):
+    """This worker's samples (DataSample or BadSample), in data order. Here, beside `writer_id`, because both the
+    dump (pipeline/dump.py) and its vLLM child (pipeline/response_log.py) walk the same slice."""
+    from pipeline.vlm.data import read_samples
+
+    for i, sample in enumerate(read_samples(cfg.data, image_root=cfg.image_root, split=cfg.split)):
+        if cfg.limit is not None and i >= cfg.limit:
+            return
+        if i % cfg.num_workers == cfg.worker_index:
+            yield sample
+
+
 def load_teacher(cfg: DumpConfig) -> LoadedTeacher:
     from pipeline.store.teacher_head import TeacherHead
     from pipeline.vlm.models import lm_head_and_scaling, load_vlm, pick_device

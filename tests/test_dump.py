@@ -190,10 +190,10 @@ def test_generate_batch_size_leaves_greedy_answers_and_cache_unchanged(tmp_path,
 def test_each_image_is_decoded_once_for_generation_and_features(tmp_path, tiny_vlm_dir, monkeypatch):
     import collections
 
-    import pipeline.dump
+    import pipeline.vlm.data
 
     decoded = collections.Counter()
-    read_samples = pipeline.dump.read_samples
+    read_samples = pipeline.vlm.data.read_samples
 
     def counting(*args, **kwargs):
         for sample in read_samples(*args, **kwargs):
@@ -201,7 +201,7 @@ def test_each_image_is_decoded_once_for_generation_and_features(tmp_path, tiny_v
                 spec.load = _counted(spec.load, sample.sample_id, decoded)
             yield sample
 
-    monkeypatch.setattr(pipeline.dump, "read_samples", counting)
+    monkeypatch.setattr(pipeline.vlm.data, "read_samples", counting)  # my_slice (pipeline/dump_config.py) reads it there
     stats = dump(tiny_vlm_dir("internvl-tiny", "tiny-bpe"), tmp_path / "c", limit=5, top_k=4, responses="generate",
                  backend="hf", generation=GenerationSettings(max_new_tokens=3))
     assert stats.written == 5
@@ -248,7 +248,7 @@ def standin_log(path):
 
 
 def test_vllm_phase_runs_in_a_child_on_its_own_gpu_before_the_teacher_loads_and_resumes(tmp_path, tiny_vlm_dir, monkeypatch):
-    import pipeline.dump
+    import pipeline.vlm.data
     import pipeline.response_log
 
     record = tmp_path / "standin.jsonl"
@@ -296,7 +296,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_vllm_phase_never_sends_a_prompt_over_max_length(tmp_path, tiny_vlm_dir, monkeypatch):
-    import pipeline.dump
+    import pipeline.vlm.data
     import pipeline.response_log
     from pipeline.response_log import prompt_length
 
