@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.run_metrics import METRICS_FILE
 from pipeline.vlm.processors import save_processor
 from student import distributed
 from student.config import TrainConfig
@@ -28,7 +29,6 @@ from student.config import TrainConfig
 RECALIBRATOR_DIR = "recalibrator"
 STATE_DIR = "trainer_state"
 CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 FINISHED_FILE = "trainer_state/finished.json"
 RECALIBRATOR_WEIGHTS = "model.safetensors"
 

@@ -16,9 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from student.checkpoint import METRICS_FILE
+from pipeline.run_metrics import METRICS_FILE, read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
+__all__ = ["MetricsLog", "drop_rows_after", "read_metrics"]  # read_metrics: pipeline/run_metrics.py's, also importable here
 
 
 class MetricsLog:
@@ -64,13 +65,6 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
-
-
-def read_metrics(folder: Path) -> list[dict]:
-    path = Path(folder) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _tensorboard_writer(logdir: Path, purge_step: int):

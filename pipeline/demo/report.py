@@ -41,7 +41,7 @@ def _pct(value) -> str:
 
 def read_curves(stages: dict[str, Path]) -> dict[str, list[dict]]:
     """Per-step metrics (metrics.jsonl) of each named training stage folder."""
-    from student.metrics_log import read_metrics
+    from pipeline.run_metrics import read_metrics
 
     return {name: read_metrics(folder) for name, folder in stages.items()}
 
