@@ -29,7 +29,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling scripts below, also when imported
+
+from quality_runs import base_student, pool_cache, regime_ids  # noqa: E402
+from quality_tables import curves, pair_tables, reference_models, reliance  # noqa: E402
 
 PAIR, FOLDER = "same-tokenizer", "same"
 STUDENT = {"family": "qwen2-vl-tiny", "tokenizer": "qwen2", "hidden_size": 64, "num_hidden_layers": 3,
@@ -47,12 +53,10 @@ def build_student(out: Path) -> Path:
 
 
 def jobs(work: Path, s, teacher_folder: Path, variants, regimes, seeds) -> list[tuple]:
-    """Builds (or reuses) this pair's base and cache; returns quality.run_variant's arguments (after `s`) per run."""
-    import quality
-
-    base = quality.base_student(work, s, work / FOLDER / "base", build_student)
-    cache = quality.pool_cache(work, s, teacher_folder, work / FOLDER / "cache", TEACHER_LAYERS)
-    ids = {"full": None, "low": quality.regime_ids(cache, s.low_fraction)}
+    """Builds (or reuses) this pair's base and cache; returns quality_runs.run_variant's arguments (after `s`) per run."""
+    base = base_student(work, s, work / FOLDER / "base", build_student)
+    cache = pool_cache(work, s, teacher_folder, work / FOLDER / "cache", TEACHER_LAYERS)
+    ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}
     chosen = [v for v in variants or VARIANTS if v in VARIANTS]
     return [(str(work / FOLDER / "runs"), str(cache), str(base), regime, seed, variant, ids[regime], PAIR)
             for regime in regimes for seed in seeds for variant in chosen]
@@ -99,9 +103,7 @@ def vlsi_diagnostics(runs: Path, seed: int) -> dict:
 
 def section(work: Path, s, teacher_folder: Path, command: str, seconds: float) -> dict:
     """This pair's part of quality.json (its rows and summary go with the other pair's, marked by "pair")."""
-    import quality_report
     from pipeline.store.reader import CacheReader
-    from quality import regime_ids
 
     root = work / FOLDER
     base, cache = root / "base" / "stage3", root / "cache"
@@ -110,13 +112,13 @@ def section(work: Path, s, teacher_folder: Path, command: str, seconds: float) -
         seconds, command = (json.loads(first.read_text())[k] for k in ("seconds", "command"))
     else:
         first.write_text(json.dumps({"seconds": seconds, "command": command}))
-    refs = quality_report.reference_models(work, s, teacher_folder, base, root / "reference")
+    refs = reference_models(work, s, teacher_folder, base, root / "reference")
     low = regime_ids(cache, s.low_fraction)
     return {"student": STUDENT, "student_parameters": parameters(base),
             "teacher_parameters": parameters(teacher_folder),
             "teacher_layers": list(TEACHER_LAYERS), "references": refs,
-            "curves": quality_report.curves(root / "runs", s.seeds[0]),
-            "reliance": quality_report.reliance(root / "runs", s.seeds[0]),
+            "curves": curves(root / "runs", s.seeds[0]),
+            "reliance": reliance(root / "runs", s.seeds[0]),
             "vlsi": vlsi_diagnostics(root / "runs", s.seeds[0]), "pool_size": len(CacheReader(cache).sample_ids),
             "low_size": len(low) if low else None, "seconds": seconds, "command": command}
 
@@ -126,8 +128,6 @@ def _num(value) -> str:
 
 
 def markdown(doc: dict) -> list[str]:
-    import quality_report
-
     sec, s = doc["same_tokenizer"], doc["settings"]
     st = sec["student"]
     lines = ["", "## Same-tokenizer pair (bench/quality_same_tokenizer.py)", "",
@@ -144,7 +144,7 @@ def markdown(doc: dict) -> list[str]:
     def order(r):
         return r["regime"] != "full", VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS)
 
-    lines += quality_report.pair_tables(sec, sorted((r for r in doc["summary"] if r["pair"] == PAIR), key=order), s,
+    lines += pair_tables(sec, sorted((r for r in doc["summary"] if r["pair"] == PAIR), key=order), s,
                                         ("teacher", "base_student"))
     lines += ["", f"VLsI, seed {s['seeds'][0]} (mean of the last 4 logged values): stage-1 verbalizer CE per side, "
               "stage-2 losses, and the teacher layer each student layer matched:", "",
