@@ -3,7 +3,9 @@
 As teacher: `dump-teacher` (4 easy-VQA samples), `verify`, cached features equal a forward of the whole
 conversation through the stock model. As student, against the cache of the next family in MATRIX (another
 tokenizer, and a hidden size of 64 against 96 or back): stages 1-3 for one step each, a stock reload of
-the stage-3 folder (AutoModelForImageTextToText) with the same logits, and `generate`.
+the stage-3 folder (AutoModelForImageTextToText) with the same logits, and `generate`. Batched greedy
+generation (the dump's and `student eval`'s) equals plain batch-1 `generate` for every family, and loading,
+encoding, generating and saving print no deprecation warning.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pipeline.vlm.processors import load_processor
 from student.config import TrainConfig
 from student.train import train_stage
 from tests.test_dump import _load, assert_bf16_close
+from tests.test_generation import easy_vqa_prompts, plain_batch1
 from tests.tiny_fixtures import make_tiny_image, tiny_messages
 
 # family, tokenizer: every family of ../shared/OFFLINE-MODELS.md's table that builds here (SmolVLM's processor
@@ -127,6 +130,56 @@ def test_as_student(index, tmp_path, matrix_model, matrix_cache):
         torch.testing.assert_close(stock(**inputs).logits, trained.model(**inputs).logits)
         out = stock.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("index", range(len(MATRIX)), ids=IDS)
+def test_batched_generation_equals_batch_1(index, matrix_model, tmp_path):
+    from pipeline.vlm.evaluate import evaluate
+    from pipeline.vlm.generation import GenerationSettings, HFGenerator
+
+    folder = matrix_model(index)
+    vlm = load_vlm(folder)
+    prompts = easy_vqa_prompts(vlm, 7)
+    expected, lengths = plain_batch1(vlm, prompts, max_new_tokens=6)
+    assert len(set(lengths)) > 1  # prompts of several lengths share a batch: padding is exercised
+    assert HFGenerator(vlm, GenerationSettings(max_new_tokens=6), batch_size=5).generate(prompts) == expected
+    answers = []
+    for batch_size in (1, 5):  # student eval's batched path over the same questions
+        result = evaluate(str(folder), "easy-vqa:test", limit=7, batch_size=batch_size, max_new_tokens=6,
+                          out=str(tmp_path / f"eval{batch_size}.json"), progress=False, device="cpu")
+        assert result["skipped"] == 0
+        answers.append([e["prediction"] for e in result["examples"]])
+    assert answers[0] == answers[1] == expected
+
+
+DEPRECATION_PROBE = """
+import sys
+from pipeline.vlm.generation import GenerationSettings, HFGenerator
+from pipeline.vlm.models import load_vlm
+from pipeline.vlm.processors import save_processor
+from pipeline.vlm.prompting import encode_sample
+from tests.test_generation import easy_vqa_prompts
+from tests.tiny_fixtures import make_tiny_image, tiny_messages
+for folder, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    vlm = load_vlm(folder)
+    HFGenerator(vlm, GenerationSettings(max_new_tokens=2), 2).generate(easy_vqa_prompts(vlm, 2))
+    encode_sample(vlm.processor, "s", tiny_messages("What shape?"), [make_tiny_image()], "circle", vlm.end_of_turn)
+    save_processor(vlm.processor, out)
+"""
+
+
+def test_no_deprecation_warning_from_our_calls(matrix_model, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    args = [arg for index in range(len(MATRIX)) for arg in (str(matrix_model(index)), str(tmp_path / str(index)))]
+    done = subprocess.run([sys.executable, "-W", "default", "-c", DEPRECATION_PROBE, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "deprecat" not in output.lower(), output[-3000:]
 
 
 def _lfm2_vl(layer_types):
