@@ -107,3 +107,17 @@ def test_dump_whose_teacher_writes_only_empty_answers_says_so(tiny_vlm_dir, tmp_
     assert "the teacher's own answers are empty" in result.output
     assert "use --responses generate" not in result.output  # the advice for empty answers in the data
     assert {r["stage"] for r in CacheReader(tmp_path / "c").rejects_table().to_pylist()} == {"answer"}
+
+
+def test_a_processor_that_cannot_be_built_here_is_a_clear_error(tmp_path):
+    """PixtralProcessor (Mistral 3) has no torchvision-free version: the error names it and what it lacks."""
+    import json
+
+    from pipeline.vlm.models import ModelLoadError
+    from pipeline.vlm.processors import load_processor
+    from pipeline.vlm.tiny import make_tokenizer
+
+    make_tokenizer("llava-tiny", "tiny-bpe", 384).save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    with pytest.raises(ModelLoadError, match="PixtralProcessor cannot be built here.*Torchvision"):
+        load_processor(tmp_path)

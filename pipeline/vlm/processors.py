@@ -76,12 +76,23 @@ def _processor_class(path: str, hub: dict, trust_remote_code: bool):
 def load_processor(path: str | os.PathLike, trust_remote_code: bool = False, revision: str | None = None,
                    local_files_only: bool = False):
     """`AutoProcessor.from_pretrained`; when that fails for want of torchvision, the family's processor built
-    part by part (`build_parts`), with `None` for the parts images do not need."""
+    part by part (`build_parts`), with `None` for the parts images do not need. A processor that cannot be
+    built here at all is a ModelLoadError naming it and what it lacks."""
+    path, hub = str(path), dict(revision=revision, local_files_only=local_files_only)
+    cls, cls_name = _processor_class(path, hub, trust_remote_code)
+    try:
+        return _load(cls, cls_name, path, hub, trust_remote_code)
+    except ImportError as err:  # transformers' stand-in classes for a missing backend raise this, at first use
+        raise ModelLoadError(
+            f"{path}: its processor {cls_name} cannot be built here: {' '.join(str(err).split())[:300]} (it needs "
+            "a package this environment lacks and has no fallback without it: install the package named above, "
+            "built for your torch, or use another family)") from None
+
+
+def _load(cls, cls_name, path: str, hub: dict, trust_remote_code: bool):
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    path, hub = str(path), dict(revision=revision, local_files_only=local_files_only)
-    cls, cls_name = _processor_class(path, hub, trust_remote_code)
     has_optional = cls is not None and any(_optional(a) for a in cls.get_attributes())
     first_error = None
     if not has_optional or is_torchvision_available():  # otherwise AutoProcessor may fail on a video part
