@@ -61,6 +61,7 @@ class Recalibrator(nn.Module):
         if len(attention) >= depth and parts.rotary is not None:
             picked = attention[-depth:]
             layers = nn.ModuleList(copy.deepcopy(parts.layers[i]) for i in picked)
+            _run_alone(layers)
             types = [parts.layer_types[i] for i in picked]
             rotary = copy.deepcopy(parts.rotary)
             skipped = n_layers - len(attention)
@@ -160,6 +161,17 @@ def plain_blocks(config, depth: int) -> tuple[nn.ModuleList, nn.Module]:
                         max_position_embeddings=getattr(config, "max_position_embeddings", 4096))
     plain._attn_implementation = "sdpa"
     return nn.ModuleList(LlamaDecoderLayer(plain, i) for i in range(depth)), LlamaRotaryEmbedding(plain)
+
+
+def _run_alone(layers: nn.Module) -> None:
+    """Copied blocks run on their own, without the stack around them: a block that shares its keys and values
+    with other layers of the stack (Gemma 3n / 4 KV sharing: `store_full_length_kv` writes them for later
+    layers, `is_kv_shared_layer` reads another layer's) computes its own instead."""
+    for module in layers.modules():
+        if getattr(module, "store_full_length_kv", False):
+            module.store_full_length_kv = False
+        if getattr(module, "is_kv_shared_layer", False) and getattr(module, "k_proj", None) is not None:
+            module.is_kv_shared_layer = False
 
 
 def _uses_mrope(config) -> bool:

@@ -27,11 +27,15 @@ from tests.test_generation import easy_vqa_prompts, plain_batch1
 from tests.tiny_fixtures import make_tiny_image, tiny_messages
 
 # family, tokenizer: every family of ../shared/OFFLINE-MODELS.md's table that builds here (SmolVLM's processor
-# needs num2words, so its row is covered by Idefics3, the same model) and three more (PaliGemma, LLaVA-NeXT, VipLLaVA)
+# needs num2words, so its row is covered by Idefics3, the same model), three more (PaliGemma, LLaVA-NeXT, VipLLaVA)
+# and three architecture kinds beyond them (Mllama, Qwen3.5, Gemma 4)
 MATRIX = [("qwen2-vl-tiny", "tiny-bpe"), ("qwen2.5-vl-tiny", "tiny-bpe"), ("qwen3-vl-tiny", "tiny-bpe"),
           ("internvl-tiny", "tiny-bpe"), ("llava-tiny", "mistral"), ("llava-onevision-tiny", "tiny-bpe"),
           ("idefics3-tiny", "tiny-bpe"), ("gemma3-tiny", "tiny-bpe"), ("paligemma-tiny", "tiny-bpe"),
-          ("llava-next-tiny", "tiny-bpe"), ("vipllava-tiny", "tiny-bpe")]
+          ("llava-next-tiny", "tiny-bpe"), ("vipllava-tiny", "tiny-bpe"),
+          ("mllama-tiny", "tiny-bpe"),  # images through cross-attention layers
+          ("qwen3.5-tiny", "tiny-bpe"),  # gated DeltaNet (linear attention) layers beside full attention
+          ("gemma4-tiny", "tiny-bpe")]  # a newest release; its processor also holds an audio feature extractor
 IDS = [name for name, _ in MATRIX]
 
 
@@ -175,6 +179,41 @@ def test_processor_round_trip(index, matrix_model, tmp_path):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_cross_attention_batch_equals_the_processors_own_and_the_recalibrator_skips_those_layers(matrix_model):
+    """Mllama: the collated batch of (prompt, answer) samples equals the processor's own right-padded batch of
+    the whole conversations at every real position (the cross-attention mask [B, L, images, tiles] extended
+    over the answer, pixel values and aspect ratios as the processor batches them); the Recalibrator copies
+    self-attention blocks only."""
+    from pipeline.vlm.prompting import collate, encode_sample
+    from student.recalibrator import Recalibrator
+
+    vlm = load_vlm(matrix_model(IDS.index("mllama-tiny")))
+    talks = [("What shape is it?", "circle"), ("What color is the shape in this image?", "red and blue")]
+    images = [make_tiny_image(), make_tiny_image((20, 20, 200))]
+    samples = [encode_sample(vlm.processor, f"s{i}", tiny_messages(q), [image], a, set(vlm.end_of_turn))
+               for i, ((q, a), image) in enumerate(zip(talks, images))]
+    batch = collate(samples, vlm.pad_id)
+    assert batch["cross_attention_mask"].dim() == 4 and batch["cross_attention_mask"].shape[1] == max(
+        s.total_len for s in samples)
+    texts = [vlm.processor.apply_chat_template(tiny_messages(q, a), tokenize=False) for q, a in talks]
+    side, vlm.tokenizer.padding_side = vlm.tokenizer.padding_side, "right"
+    try:
+        reference = vlm.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+    finally:
+        vlm.tokenizer.padding_side = side
+    assert set(reference.keys()) - {"num_tiles"} == set(batch)
+    real = reference["attention_mask"].bool()
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+    for key in ("input_ids", "cross_attention_mask"):  # padding positions are never attended: not compared
+        assert torch.equal(batch[key][real], reference[key][real]), key
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(batch[key], reference[key]), key
+    parts = vlm_parts(vlm.model)
+    assert "cross_attention" in parts.layer_types
+    rec = Recalibrator.from_student(vlm.model, 32, depth=1)
+    assert "CrossAttention" not in type(rec.layers[0]).__name__ and rec.layer_types == ["full_attention"]
 
 
 DEPRECATION_PROBE = """

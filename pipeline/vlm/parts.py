@@ -93,6 +93,10 @@ def _find_parts(model) -> VLMParts:
                                 "AutoModelForImageTextToText (the ...ForConditionalGeneration class)")
     declared = getattr(text_config, "layer_types", None)
     layer_types = list(declared)[: len(layers)] if declared else ["full_attention"] * len(layers)
+    # Layers that attend to the image through cross-attention (Mllama) need the vision states to run: for the
+    # Recalibrator they are not self-attention blocks, whatever the config's layer_types says.
+    layer_types = ["cross_attention" if "CrossAttention" in type(layer).__name__ else kind
+                   for layer, kind in zip(layers, layer_types)]
     scale, softcap = logit_transforms(model)
     vision, projector = _vision_and_projector(model, decoder, head)
     return VLMParts(family, decoder, layers, _final_norm(decoder, layers, text_config), _rotary(decoder), text_config,
