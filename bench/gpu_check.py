@@ -12,7 +12,7 @@ bench/results/gpu_check/):
   dump tokens/s, dump outside-forward share, dump peak memory
                                 pipeline.dump.dump_teacher with DumpConfig(dtype="bfloat16") on easy-VQA.
   stage-2 / SFT tokens/s, time ratio, training peak memory
-                                student.loop.train_stage, TrainConfig(precision="bf16"), a GenRecal stage 2
+                                student.train.train_stage, TrainConfig(precision="bf16"), a GenRecal stage 2
                                 and a plain SFT stage 3 from the same student on the same cache and batches.
 The script exits 1 when any row failed (a mismatch, a check that raised, a number that is not finite).
 Models are built with pipeline/vlm/tiny.py (random weights, real Qwen2 / Mistral tokenizers); nothing is
@@ -231,7 +231,7 @@ def check_dump(ctx: Context) -> list[Row]:
 def train_tokens_per_s(ctx: Context, stage: int) -> float:
     """Median trainer tokens/s over the steps after the first (which pays for allocation and autotuning)."""
     from student.config import TrainConfig
-    from student.loop import train_stage
+    from student.train import train_stage
 
     cfg = TrainConfig(cache=str(ctx.workdir / "cache"), student=str(ctx.models["student"]),
                       out=str(ctx.workdir / f"run-stage{stage}"), stage=stage, steps=ctx.sizes.train_steps,

@@ -86,6 +86,7 @@ def softcap_skipped():
 
 def stage3_saves_start_weights():
     import student.checkpoint
+    import student.train
 
     write = student.checkpoint._write_checkpoint
 
@@ -93,7 +94,7 @@ def stage3_saves_start_weights():
         if cfg.stage != 3:
             return write(cfg, vlm, *args)
         trained = {k: v.detach().clone() for k, v in vlm.model.state_dict().items()}
-        start = type(vlm.model).from_pretrained(student.checkpoint.student_source(cfg)).state_dict()
+        start = type(vlm.model).from_pretrained(student.train.student_source(cfg)).state_dict()
         vlm.model.load_state_dict(start)
         try:
             write(cfg, vlm, *args)

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from student.config import LossConfig  # noqa: E402
 
 TEACHER_CHAIN = ("best", "best-more", "best-more2")  # best-more3 (800 more steps) not run: no time this session
-VARIANTS: dict[str, tuple[str, LossConfig | None]] = {  # name -> (method, GenRecal loss settings)
-    "sft": ("sft", None),
+VARIANTS: dict[str, tuple[str | None, LossConfig | None]] = {  # name -> (method, GenRecal loss settings)
+    "sft": (None, None),  # no method: stage 3 (plain SFT) alone
     "genrecal": ("genrecal", LossConfig()),
     "genrecal-old-layout": ("genrecal", LossConfig(layout="teacher-last-prompt")),
     "genrecal-noreg": ("genrecal", LossConfig(regularizer=False)),
@@ -188,14 +188,17 @@ def test_accuracy(model: Path, s: Settings, out: Path) -> dict:
 
 def variant_stages(variant: str, s: Settings) -> list[tuple[int, int, dict]]:
     """(stage, steps, TrainConfig fields) of a variant; every one makes stage 2 + 3 student updates."""
+    from student.methods import METHODS
+
     method, loss = (VARIANTS | SAME_TOKENIZER_ONLY)[FOLLOW_UPS.get(variant, variant)]
     vision = {"train_vision_encoder": True} if variant in FOLLOW_UPS else {}
     updates = s.stage_steps[1] + s.stage_steps[2]
-    if method == "sft":
+    if method is None:
         return [(3, updates, {"from_student": True, **vision})]
-    if method in ("uld", "kd"):
+    if 1 not in METHODS[method].stages:  # kd, uld: their one stage 2 from the base student makes every update
         return [(2, updates, {"from_student": True, "method": method, **vision})]
-    extra = {"method": "vlsi"} if method == "vlsi" else {"loss": loss}  # vlsi: stage 1 trains the verbalizers only
+    # stage 1 trains only what is beside the student (the Recalibrator, VLsI's verbalizers)
+    extra = {"method": method, **({"loss": loss} if loss is not None else {})}
     return [(stage, n, {**extra, **vision}) for stage, n in zip((1, 2, 3), s.stage_steps)]
 
 

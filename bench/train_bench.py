@@ -99,7 +99,7 @@ def step_times(cache: Path, student_dir: Path, repeats: int = 8, batch_size: int
 
 
 def loader_wait(cache: Path, student_dir: Path, workers: int, workdir: Path) -> float:
-    from student.loop import train_stage
+    from student.train import train_stage
     from student.config import TrainConfig
 
     cfg = TrainConfig(cache=str(cache), student=str(student_dir), out=str(workdir / f"run{workers}"), stage=1,
@@ -135,7 +135,7 @@ def with_reads(cfg, reads: str):
 def stage2_loader_wait(cache: Path, student_dir: Path, reads: str, out: Path, steps: int = 24) -> dict:
     """Loader-wait share of a demo-like stage-2 run (batch 16, one worker), first step (worker start) left out."""
     from student.config import TrainConfig
-    from student.loop import train_stage
+    from student.train import train_stage
 
     cfg = TrainConfig(cache=str(cache), student=str(student_dir), out=str(out), stage=2, steps=steps, batch_size=16,
                       num_workers=1, lr=1e-3, lr_end=1e-4, from_student=True, train_vision_encoder=True)

@@ -2,7 +2,9 @@
 seconds, before a GPU-day is spent.
 
 Loads both sides (the student, the cache's manifest and teacher head), builds one batch from the cache,
-and runs one forward and backward of each stage of the method:
+and runs one forward and backward of each stage of the method, and of the SFT stage 3 that may follow it. What a
+stage needs (one tokenizer, the cache's layers or top-k, the teacher head), what trains beside the student and the
+loss come from the stage's declaration (student/methods.py), as in training:
 
 | method | stages | what a stage-1/2 check adds |
 |---|---|---|
@@ -21,13 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from student.methods import DEFAULT_METHOD, Method, Stage, StepParts, method_named
+
 # bytes per trained fp32 parameter: weight 4 + gradient 4 + AdamW moments 8
 _TRAINED_BYTES, _FROZEN_BYTES = 16, 4
 # activations kept for the backward pass, per token and layer, in units of the hidden width (fp32): attention
 # inputs/outputs, the MLP's widened activations, norms; a rough figure for transformer blocks
 _ACTIVATION_WIDTHS = 34
-# the stages each `student train --method` has (student/config.py's checks say the same for training)
-METHOD_STAGES = {"genrecal": (1, 2, 3), "vlsi": (1, 2, 3), "kd": (2, 3), "uld": (2, 3)}
 
 
 @dataclass
@@ -52,15 +54,15 @@ class _Pair:
     vlm: object
     parts: object  # pipeline/vlm/parts.py VLMParts of the student
     reader: object
-    method: str
-    head: object | None  # the teacher head (stages 1-2 of genrecal and vlsi)
+    method: Method
+    head: object | None  # the teacher head (when a checked stage declares teacher_head)
     batch: object | None
     seq: int
     memory_batch: int
 
 
 def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memory_batch: int = 8,
-               method: str = "genrecal") -> CheckReport:
+               method: str = DEFAULT_METHOD) -> CheckReport:
     """Everything above, for `stages` (default: all of `method`'s) of `student` against `cache`; problems are
     collected, not raised."""
     from pipeline.store.reader import CacheReader
@@ -68,18 +70,22 @@ def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memor
     from pipeline.vlm.parts import describe, vlm_parts
 
     report = CheckReport()
-    if method not in METHOD_STAGES:
-        report.problems.append(f"unknown method {method!r}: one of {', '.join(METHOD_STAGES)}")
+    try:
+        declared = method_named(method).checked_stages()
+    except ValueError as err:
+        report.problems.append(str(err))
         return report
-    stages = tuple(stages or METHOD_STAGES[method])
-    wrong = [s for s in stages if s not in METHOD_STAGES[method]]
+    stages = tuple(stages or declared)
+    wrong = [s for s in stages if s not in declared]
     if wrong:
         report.problems.append(f"--method {method} has no stage {wrong[0]}: its stages are "
-                               f"{', '.join(map(str, METHOD_STAGES[method]))}")
+                               f"{', '.join(map(str, declared))}")
         return report
-    try:
-        reader = CacheReader(cache, read_layers=method == "vlsi")
-        if method in ("kd", "vlsi") and not _same_tokenizer(student, reader, cache, method, report):
+    chosen = {s: declared[s] for s in stages}
+    try:  # what the method needs in any of its stages is checked whichever stages are tried
+        reader = CacheReader(cache, read_layers=any(st.layers for st in declared.values()))
+        if any(st.shared_tokenizer for st in declared.values()) and not _same_tokenizer(student, reader, cache, method,
+                                                                                       report):
             return report  # training refuses such a pair before the student loads; so does the check
         vlm = load_vlm(student, dtype="float32", device="cpu")
         parts = vlm_parts(vlm.model)
@@ -97,18 +103,18 @@ def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memor
     if size > rows:
         report.problems.append(f"the student's tokenizer has {size} tokens but its head only {rows} rows: resize the "
                                "embeddings (model.resize_token_embeddings) or use the matching tokenizer")
-    vlsi_layers = method == "vlsi" and any(s in (1, 2) for s in stages)
-    if vlsi_layers and not _cache_layers(reader, report):
+    layers = any(st.layers for st in chosen.values())
+    if layers and not _cache_layers(reader, report):
         return report
-    if method in ("kd", "uld") and reader.manifest.topk.k == 0:
+    if any(st.topk for st in declared.values()) and reader.manifest.topk.k == 0:
         report.problems.append(f"--method {method} needs the cache's top-k log-probs; this cache was dumped with "
                                "--top-k 0 (dump it again with --top-k 16, say)")
-    batch = _one_batch(reader, vlm, batch_size, report, layers=vlsi_layers)
-    head = _head(reader, cache, report) if method in ("genrecal", "vlsi") and any(s in (1, 2) for s in stages) else None
+    batch = _one_batch(reader, vlm, batch_size, report, layers=layers)
+    head = _head(reader, cache, report) if any(st.teacher_head for st in chosen.values()) else None
     seq = int(batch.inputs["input_ids"].shape[1]) if batch is not None else 0
-    pair = _Pair(vlm, parts, reader, method, head, batch, seq, memory_batch)
-    for stage in stages:
-        _check_stage(pair, stage, report)
+    pair = _Pair(vlm, parts, reader, method_named(method), head, batch, seq, memory_batch)
+    for number, stage in chosen.items():
+        _check_stage(pair, number, stage, report)
     return report
 
 
@@ -170,103 +176,64 @@ def _one_batch(reader, vlm, batch_size: int, report: CheckReport, layers: bool =
     return data.collate(items)
 
 
-def _check_stage(pair: _Pair, stage: int, report: CheckReport) -> None:
+def _check_stage(pair: _Pair, number: int, stage: Stage, report: CheckReport) -> None:
     """The stage's parameter counts and memory estimate, then one forward and backward of its loss."""
     from student.trainable import stage_split, trainable_student_parameters
 
     model = pair.vlm.model
-    train, frozen = stage_split(model, stage)
+    train, frozen = stage_split(model, number)
     numel = dict((n, p.numel()) for n, p in model.named_parameters())
-    extra = _stage_extra(pair, stage, report)
-    if extra is False:
+    beside = _beside(pair, number, stage, report)
+    if beside is False:
         return
-    extra_params = sum(p.numel() for p in _extra_trained(extra))
-    trained = sum(numel[n] for n in train) + extra_params
+    trained = sum(numel[n] for n in train) + (sum(p.numel() for p in beside.params) if beside else 0)
     frozen_count = sum(numel[n] for n in frozen)
-    head_bytes = pair.head.weight.numel() * 4 if (pair.head is not None and stage != 3) else 0
-    extra_layers = len(extra.layers) if pair.method == "genrecal" and extra is not None else 0
-    layers = (len(pair.parts.layers) if stage in (2, 3) else 0) + extra_layers
+    head_bytes = pair.head.weight.numel() * 4 if (pair.head is not None and stage.teacher_head) else 0
+    layers = (len(pair.parts.layers) if number in (2, 3) else 0) + (beside.blocks if beside else 0)
     activations = pair.memory_batch * pair.seq * layers * pair.parts.hidden_size * _ACTIVATION_WIDTHS * 4
     memory = trained * _TRAINED_BYTES + frozen_count * _FROZEN_BYTES + head_bytes + activations
-    added = {"genrecal": " + Recalibrator", "vlsi": " + verbalizers"}.get(pair.method, "") if extra is not None else ""
-    report.lines.append(f"stage {stage}: trains {trained:,} parameters ({len(train)} student tensors{added}), "
+    added = f" + {stage.beside}" if beside else ""
+    report.lines.append(f"stage {number}: trains {trained:,} parameters ({len(train)} student tensors{added}), "
                         f"freezes {frozen_count:,}; estimated memory at batch {pair.memory_batch} x {pair.seq} "
                         f"tokens: {memory / 2**20:.0f} MiB (fp32)")
-    if pair.batch is None or (stage != 3 and pair.method in ("genrecal", "vlsi") and pair.head is None):
+    if pair.batch is None or (stage.teacher_head and pair.head is None):
         return
-    trainable_student_parameters(model, stage)
+    trainable_student_parameters(model, number)
     model.train()
     try:
-        loss = _stage_loss(pair, stage, extra)
+        loss = _stage_loss(pair, number, stage, beside)
         loss.backward()
         if not torch.isfinite(loss):
-            report.problems.append(f"stage {stage}: the loss is {float(loss)}")
+            report.problems.append(f"stage {number}: the loss is {float(loss)}")
     except Exception as err:  # noqa: BLE001 - any failure here is what the user needs to see
-        report.problems.append(f"stage {stage}: forward/backward failed: {type(err).__name__}: {err}")
+        report.problems.append(f"stage {number}: forward/backward failed: {type(err).__name__}: {err}")
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
 
 
-def _stage_extra(pair: _Pair, stage: int, report: CheckReport):
-    """What the stage trains beside the student: the Recalibrator (genrecal 1-2), both sides' verbalizers
-    (vlsi 1-2; a VLsIParts), None, or False when it cannot be built (the problem is reported)."""
-    from student.recalibrator import Recalibrator
-
-    if stage == 3 or pair.method in ("kd", "uld"):
-        return None
-    d_teacher = pair.reader.manifest.teacher.hidden_size
-    if pair.method == "genrecal":
-        try:
-            rec = Recalibrator.from_student(pair.vlm.model, d_teacher)
-        except ValueError as err:
-            report.problems.append(f"stage {stage}: cannot build the Recalibrator: {err}")
-            return False
-        report.lines.append(f"stage {stage} Recalibrator: {rec.block_kind}")
-        return rec
-    return _verbalizers(pair, stage, report)
-
-
-def _verbalizers(pair: _Pair, stage: int, report: CheckReport):
-    """Both sides' verbalizers as a `student train --method vlsi` stage sets them up (new ones, default layers)."""
+def _beside(pair: _Pair, number: int, stage: Stage, report: CheckReport):
+    """What the stage trains beside the student, new, as `student train` builds it (the Recalibrator, both sides'
+    verbalizers at their default layers; a `Beside`), None, or False when it cannot be built (reported)."""
     from student.config import TrainConfig
-    from student.vlsi_train import VerbalizerSources, set_up_verbalizers
 
-    cfg = TrainConfig(cache=str(pair.reader.root), student=str(pair.vlm.path), out="check", stage=stage, method="vlsi")
-    sources = VerbalizerSources(None, None, tuple(pair.reader.manifest.layers))
+    if stage.build is None:
+        return None
+    cfg = TrainConfig(cache=str(pair.reader.root), student=str(pair.vlm.path), out="check", stage=number,
+                      method=pair.method.name)
     try:
-        parts = set_up_verbalizers(cfg, sources, pair.vlm, pair.reader.manifest, "cpu")
-    except ValueError as err:  # e.g. a student with no intermediate layer
-        report.problems.append(f"stage {stage}: {err}")
+        beside = stage.build(cfg, None, pair.vlm, pair.reader.manifest, "cpu")
+    except ValueError as err:  # e.g. a student with no intermediate layer, or no block to copy
+        report.problems.append(f"stage {number}: cannot build the {stage.beside}: {err}")
         return False
-    report.lines.append(f"stage {stage} verbalizers: teacher layers {', '.join(map(str, parts.teacher.layers))}, "
-                        f"student layers {', '.join(map(str, parts.student.layers))} (--student-layers picks others)")
-    return parts
+    report.lines.append(f"stage {number} {stage.beside}: {beside.summary}")
+    return beside
 
 
-def _extra_trained(extra) -> list:
-    """The parameters the stage trains beside the student's (student/vlsi_train.py `trainable_verbalizers`)."""
-    from student.vlsi_step import VLsIParts
-    from student.vlsi_train import trainable_verbalizers
-
-    if extra is None:
-        return []
-    return trainable_verbalizers(extra) if isinstance(extra, VLsIParts) else list(extra.parameters())
-
-
-def _stage_loss(pair: _Pair, stage: int, extra) -> torch.Tensor:
+def _stage_loss(pair: _Pair, number: int, stage: Stage, beside) -> torch.Tensor:
+    """The stage's declared loss on the batch, as a training step computes it (default loss settings)."""
     from student.config import LossConfig
-    from student.step import genrecal_losses, kd_losses, student_ce, student_forward, uld_losses
-    from student.vlsi_step import vlsi_losses
 
-    model, batch, cfg = pair.vlm.model, pair.batch, LossConfig()
-    if stage == 3:
-        _, logits = student_forward(model, batch, True)
-        return student_ce(logits, batch)
-    if pair.method == "kd":
-        return kd_losses(model, batch, cfg)["total"]
-    if pair.method == "uld":
-        return uld_losses(model, batch, cfg)["total"]
-    if pair.method == "vlsi":
-        return vlsi_losses(model, extra, pair.head, batch, stage, cfg)["total"]
-    return genrecal_losses(model, extra, pair.head, batch, stage, cfg)["total"]
+    parts = StepParts(pair.vlm.model, beside.module if beside else None, pair.head, LossConfig(), number,
+                      vocab=len(pair.vlm.tokenizer))
+    return stage.loss(parts, pair.batch, False)["total"]

@@ -2,7 +2,9 @@
 Recalibrator's weights.
 
     OUT/stage{N}/                     stock HF folder: model safetensors, config, processor/tokenizer, chat template
-    OUT/stage{N}/recalibrator/        model.safetensors + recalibrator.json (stages 1-2)
+    OUT/stage{N}/<beside>/            what trained beside the student, one folder each (student/methods.py
+                                      `Beside.folders`), e.g.:
+    OUT/stage{N}/recalibrator/        model.safetensors + recalibrator.json (genrecal stages 1-2)
     OUT/stage{N}/teacher_verbalizers/ model.safetensors + verbalizers.json (--method vlsi stages 1-2; also
     OUT/stage{N}/student_verbalizers/ student/vlsi.py), the teacher's reusable by later runs
     OUT/stage{N}/trainer_state/       optimizer, scheduler position, RNG, data order (for --resume)
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +27,9 @@ from safetensors.torch import load_file, save_file
 from pipeline.run_metrics import METRICS_FILE
 from pipeline.vlm.processors import save_processor
 from student import distributed
-from student.config import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, which imports this module
+    from student.config import TrainConfig
 
 RECALIBRATOR_DIR = "recalibrator"
 STATE_DIR = "trainer_state"
@@ -57,18 +62,6 @@ def stage_dir(cfg: TrainConfig, stage: int | None = None) -> Path:
     return Path(cfg.out) / f"stage{cfg.stage if stage is None else stage}"
 
 
-def student_source(cfg: TrainConfig) -> str:
-    """Stage 1 starts from --student; later stages from the previous stage's output."""
-    if cfg.stage == 1 or cfg.from_student or cfg.data or cfg.method in ("uld", "kd"):
-        return cfg.student
-    previous = stage_dir(cfg, cfg.stage - 1)
-    if not (previous / FINISHED_FILE).exists():
-        raise FileNotFoundError(
-            f"stage {cfg.stage} reads {previous}, which is missing or unfinished: run --stage {cfg.stage - 1} first, "
-            f"or pass --from-student to start stage {cfg.stage} from --student (e.g. an SFT baseline)")
-    return str(previous)
-
-
 def check_not_a_run_folder(model: str) -> None:
     """A run folder (OUT, holding stage1/ stage2/ ...) is not a model: say which stage folder to give."""
     folder = Path(model).expanduser()
@@ -85,29 +78,27 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(cfg, vlm, rec, parts, optimizer, schedule, step, rank: int, identity: str,
-                    extras: dict | None = None) -> None:
+def save_checkpoint(cfg, vlm, parts, optimizer, schedule, step, rank: int, identity: str,
+                    folders: dict | None = None) -> None:
     """Write the whole stage folder under a temporary name, then swap it in (a crash keeps the old one).
     Every rank takes part (an FSDP student is gathered); rank 0 writes. `identity`: `source_identity`
-    of what the run trains on, checked on --resume. `extras`: more folders beside the model, name ->
-    a module with `save(folder)` (VLsI's verbalizers)."""
+    of what the run trains on, checked on --resume. `folders`: more folders beside the model, name ->
+    a function writing one (what trains beside the student: student/methods.py `Beside.folders`)."""
     model_state = full_student_state(vlm.model, cfg.fsdp)
     optim_state = optimizer_state(parts, optimizer, cfg.fsdp)
     if rank == 0:
-        _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity, extras or {})
+        _write_checkpoint(cfg, vlm, model_state, optim_state, schedule, step, identity, folders or {})
     distributed.barrier()
 
 
-def _write_checkpoint(cfg, vlm, rec, model_state, optim_state, schedule, step, identity, extras=None) -> None:
+def _write_checkpoint(cfg, vlm, model_state, optim_state, schedule, step, identity, folders=None) -> None:
     out = stage_dir(cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     vlm.model.save_pretrained(tmp, state_dict=model_state)
     save_processor(vlm.processor, tmp)
-    if rec is not None:
-        save_recalibrator(rec, tmp / RECALIBRATOR_DIR)
-    for name, module in (extras or {}).items():
-        module.save(tmp / name)
+    for name, write in (folders or {}).items():
+        write(tmp / name)
     (tmp / STATE_DIR).mkdir()
     torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
                 "cache_identity": identity, "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")

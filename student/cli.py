@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 import sys
-from typing import get_args, get_type_hints
 
 import click
 
 from pipeline import __version__
 from student.cli_options import config_options, train_config_from_options
-from student.config import TrainConfig
+from student.methods import DEFAULT_METHOD, METHODS, stages_help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,10 +80,11 @@ def eval_command(**options):
 @main.command("check")
 @click.option("--student", required=True, help="Student model folder, alias or hub id.")
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
-@click.option("--method", type=click.Choice(get_args(get_type_hints(TrainConfig)["method"])), default="genrecal", show_default=True,
-              help="The `student train --method` to check the pair for.")
+@click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help="The `student train --method` to check the pair for (student/methods.py declares each).")
 @click.option("--stage", type=click.IntRange(1, 3), multiple=True,
-              help="Check only this stage (repeatable). Default: every stage of the method (genrecal, vlsi: 1-3; kd, uld: 2-3).")
+              help=f"Check only this stage (repeatable). Default: every stage of the method and the stage 3 that may "
+                   f"follow it ({stages_help()}).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Samples in the test batch.")
 @click.option("--memory-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batch size the memory estimate is for.")

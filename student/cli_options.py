@@ -7,6 +7,8 @@ docstring), so a setting is defined once, in student/config.py:
     `x: bool = False`                        ->  --x            (a flag that sets it)
     `x: bool = True`                         ->  --no-x         (a flag that clears it)
     `x: Literal["a", "b"]`                   ->  --x [a|b]
+    `method`                                 ->  --method [genrecal|...]: the methods student/methods.py declares,
+                                                 each one's line before the field's docstring
     a field without default                  ->  a required option (unless it may be None)
     LossConfig's fields                      ->  options of their own, gathered into TrainConfig.loss
 """
@@ -21,6 +23,7 @@ import click
 
 from schemas.dataclass_io import field_docs
 from student.config import LossConfig, TrainConfig
+from student.methods import METHODS, methods_help
 
 # fields set from code only (tests, benches), or nested
 NOT_OPTIONS = {"loss", "sample_ids"}
@@ -29,13 +32,17 @@ CLICK_TYPES = {
     "cache": click.Path(exists=True, file_okay=False),
     "out": click.Path(file_okay=False),
     "stage": click.IntRange(1, 3),
+    "method": click.Choice(tuple(METHODS)),
 }
+# help that comes from elsewhere than the field's docstring, put before it
+HELP_BEFORE = {"method": methods_help()}
 SCALARS = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
 def _option(name: str, annotation, default, doc: str) -> tuple[list[str], dict]:
     """(declarations, attributes) of the click option of one config field."""
     flag = name.replace("_", "-")
+    doc = f"{HELP_BEFORE[name]} {doc}" if name in HELP_BEFORE else doc
     optional = get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
     if optional:
         (annotation,) = [a for a in get_args(annotation) if a is not type(None)]

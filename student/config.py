@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from student.methods import DEFAULT_METHOD, check_config
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -57,14 +59,9 @@ class TrainConfig:
     """Run folder; stage N writes OUT/stage{N}."""
     stage: int
     """1: Recalibrator only; 2: student (but its vision encoder) + Recalibrator; 3: plain SFT of the student."""
-    method: Literal["genrecal", "uld", "kd", "vlsi"] = "genrecal"
-    """genrecal: the Recalibrator and the frozen teacher head (stages 1-3), any tokenizer pair; uld: the
-    cross-tokenizer baseline Universal Logit Distillation, stage 2 only, from --student with no Recalibrator (the
-    student's CE plus the sorted-probability L1 to the cached top-k, weight --uld-weight); kd: plain logit
-    distillation for a student with the teacher's tokenizer, stage 2 only, from --student (the student's CE plus
-    KL to the cached top-k + tail, weight --kd-weight); vlsi: verbalized layer-wise distillation (VLsI) for a
-    student with the teacher's tokenizer and a cache with intermediate layers (stage 1: verbalizers; 2: layer
-    matching; 3: SFT)."""
+    method: str = DEFAULT_METHOD
+    """Each method, with its stages, what it reads from the cache, what it checks and its loss, is declared in
+    student/methods.py (where the lines above and the choices come from)."""
     steps: int = 100
     """Optimizer steps of this stage."""
     batch_size: int = 8
@@ -141,36 +138,9 @@ class TrainConfig:
             raise ValueError(f"--stage must be 1, 2 or 3, not {self.stage}")
         if (self.cache is None) == (self.data is None):
             raise ValueError("give either a teacher cache (--cache) or, for stage 3, a data source (--data)")
-        if self.method in ("uld", "kd") and (self.stage != 2 or self.cache is None):
-            raise ValueError(f"--method {self.method} is a stage-2 run against a teacher cache: use --stage 2 --cache "
-                             "CACHE (it starts from --student; a stage 3 may follow it)")
-        if self.method == "vlsi":
-            _check_vlsi_options(self)
-        elif self.student_layers is not None or self.teacher_verbalizers is not None:
-            raise ValueError("--student-layers and --teacher-verbalizers are --method vlsi options")
+        check_config(self)  # the method's own rules: its stages, its options
         if self.data is not None and self.stage != 3:
             raise ValueError("--data (SFT on a data source) is stage 3 only; stages 1-2 need a teacher cache")
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _check_vlsi_options(cfg: TrainConfig) -> None:
-    if cfg.fsdp:
-        raise ValueError("--method vlsi does not support --fsdp yet (its verbalizers read the student's head "
-                         "weights directly); use data parallel (torchrun without --fsdp)")
-    if cfg.match_window < 1:
-        raise ValueError(f"--match-window must be at least 1, not {cfg.match_window}")
-    if cfg.student_layers is not None:
-        parse_layers(cfg.student_layers)
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """'4,8,12' -> (4, 8, 12); increasing positive integers, else ValueError."""
-    try:
-        layers = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"--student-layers {text!r}: give comma-separated layer indices, e.g. 4,8,12") from None
-    if not layers or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"--student-layers {text!r}: the layer indices must be positive and increasing")
-    return layers

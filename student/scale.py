@@ -17,7 +17,6 @@ import contextlib
 import torch
 
 from pipeline.vlm.parts import vlm_parts
-from student.recalibrator import Recalibrator
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -35,14 +34,16 @@ def autocast(bf16: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def enable_gradient_checkpointing(student, rec: Recalibrator | None) -> None:
-    """Recompute decoder-layer activations in the backward pass instead of keeping them."""
+def enable_gradient_checkpointing(student, rec=None) -> None:
+    """Recompute decoder-layer activations in the backward pass instead of keeping them. `rec`: what trains beside
+    the student (student/methods.py `Beside.module`); one with a `gradient_checkpointing` switch of its own (the
+    Recalibrator) recomputes its blocks too."""
     kwargs = {"use_reentrant": False}
     if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
         student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if rec is not None:
+    if hasattr(rec, "gradient_checkpointing"):
         rec.gradient_checkpointing = True
 
 

@@ -19,6 +19,8 @@ Stage 2 (Alg. 3) adds the student's own CE on its answer tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -26,10 +28,12 @@ from pipeline.store.teacher_head import TeacherHead
 from pipeline.vlm.models import head_logits
 from pipeline.vlm.parts import model_inputs
 from student.batches import StudentBatch
-from student.config import LossConfig
 from student.diagnostics import question_reliance
 from student.losses import TopKTarget, head_losses, logit_losses, uld_distance
 from student.recalibrator import STUDENT, TEACHER, Recalibrator
+
+if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, which runs this module's losses
+    from student.config import LossConfig
 
 
 def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: StudentBatch, stage: int, cfg: LossConfig,
@@ -77,7 +81,7 @@ def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fa
     ULD distance between its answer-position distributions and the teacher's cached top-k, positions
     paired by index within each answer and cut to the shorter of the two (student/losses.py `uld_distance`)."""
     _, logits = student_forward(student, batch, True, sharded)
-    rows, teacher = paired_topk(batch, logits.device, "uld")
+    rows, teacher = paired_topk(batch, logits.device, "--method uld")
     terms = {"student_ce": student_ce(logits, batch)}
     with torch.autocast(logits.device.type, enabled=False):  # one gather (see student_forward), fp32 distance
         terms["uld"] = uld_distance(logits[rows], teacher) / max(len(rows), 1)
@@ -95,7 +99,7 @@ def kd_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = Fal
     student/train.py lets a run through only when the two agree. `vocab`: the shared tokenizer's size; the
     student head's padding rows beyond it are left out of its softmax, as VLsI does."""
     _, logits = student_forward(student, batch, True, sharded)
-    rows, teacher = paired_topk(batch, logits.device, "kd")
+    rows, teacher = paired_topk(batch, logits.device, "--method kd", same_tokens=True)
     terms = {"student_ce": student_ce(logits, batch), "paired_share": paired_share(batch, rows)}
     with torch.autocast(logits.device.type, enabled=False):
         _, kl = logit_losses(logits[rows].float(), None, teacher, cfg.temperature, vocab)
@@ -137,11 +141,12 @@ def paired_share(batch: StudentBatch, t_rows) -> torch.Tensor:
     return torch.tensor(len(t_rows) / max(sum(len(item.teacher_targets) for item in batch.items), 1))
 
 
-def paired_topk(batch: StudentBatch, device, method: str) -> tuple[torch.Tensor, TopKTarget]:
-    """(student logit rows, the teacher's cached top-k at the paired rows), see `paired_rows` (kd: same_tokens)."""
+def paired_topk(batch: StudentBatch, device, what: str, same_tokens: bool = False) -> tuple[torch.Tensor, TopKTarget]:
+    """(student logit rows, the teacher's cached top-k at the paired rows), see `paired_rows`. `what`: the loss that
+    needs them, for the error without top-k."""
     if any(item.teacher_topk is None for item in batch.items):
-        raise ValueError(f"--method {method} needs a cache with top-k log-probs (it was written with --top-k 0)")
-    s_rows, t_rows = paired_rows(batch, same_tokens=method == "kd")
+        raise ValueError(f"{what} needs a cache with top-k log-probs (it was written with --top-k 0)")
+    s_rows, t_rows = paired_rows(batch, same_tokens=same_tokens)
     teacher = TopKTarget.cat([item.teacher_topk for item in batch.items], device)
     t_rows = torch.tensor(t_rows, dtype=torch.long, device=device)
     return torch.tensor(s_rows, dtype=torch.long, device=device), teacher.slice(t_rows)

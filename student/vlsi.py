@@ -128,6 +128,17 @@ def teacher_source(manifest) -> dict:
     return json.loads(json.dumps(fields))  # as it reads back from verbalizers.json (tuples become lists)
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """--student-layers '4,8,12' -> (4, 8, 12); increasing positive integers, else ValueError."""
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--student-layers {text!r}: give comma-separated layer indices, e.g. 4,8,12") from None
+    if not layers or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"--student-layers {text!r}: the layer indices must be positive and increasing")
+    return layers
+
+
 def default_student_layers(depth: int, count: int) -> tuple[int, ...]:
     """`count` layers evenly spaced over a student of `depth` decoder layers (1 .. depth - 1; fewer when the
     student is too shallow): layer round((k + 1) * depth / (count + 1)) for k < count."""

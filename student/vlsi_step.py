@@ -23,21 +23,24 @@ index within each answer, cut to the shorter one and where the two sides' ids fi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.store.teacher_head import TeacherHead
 from pipeline.vlm.models import lm_head_and_scaling
 from student.batches import StudentBatch
-from student.config import LossConfig
 from student.losses import HeadTarget, TopKTarget, head_loss_values, head_losses, logit_losses
 from student.step import answer_hidden, paired_rows, paired_share, student_ce, student_forward_all
 from student.vlsi import Verbalizers, match_layers
 
+if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, which runs this module's losses
+    from student.config import LossConfig
+
 
 @dataclass
 class VLsIParts:
-    """What a VLsI stage trains with, set up by student/train.py."""
+    """What a VLsI stage trains with, set up by student/vlsi_train.py `set_up_verbalizers`."""
 
     teacher: Verbalizers  # one per cached teacher layer
     student: Verbalizers  # one per chosen student layer

@@ -1,6 +1,7 @@
 """The set-up of a VLsI stage (`student train --method vlsi`, student/vlsi.py): the cheap checks that come
-before any model loads (same tokenizer, cache layers, where the verbalizers come from) and the verbalizers
-themselves once the student is loaded. student/train.py calls both.
+before any model loads (cache layers, where the verbalizers come from) and the verbalizers themselves once the
+student is loaded. student/methods.py declares them as VLsI's stages 1-2 (`prepare`, `build`); the shared-tokenizer
+check, which kd needs too, is student/train.py's.
 
 Where a stage's verbalizers come from:
 
@@ -19,21 +20,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.vlm.models import decoder_layer_count
 from pipeline.vlm.parts import vlm_parts
 from student.checkpoint import CONFIG_FILE, stage_dir
-from student.config import TrainConfig, parse_layers
-from student.tokenizer_match import check_same_tokenizer, load_tokenizer
 from student.vlsi import (
     META,
     STUDENT_VERBALIZERS_DIR,
     TEACHER_VERBALIZERS_DIR,
     Verbalizers,
+    parse_layers,
     student_layers,
     teacher_source,
 )
 from student.vlsi_step import VLsIParts
+
+if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, which imports this module
+    from student.config import TrainConfig
 
 
 @dataclass
@@ -45,18 +49,9 @@ class VerbalizerSources:
     teacher_layers: tuple[int, ...]
 
 
-def check_same_tokenizer_first(cfg: TrainConfig, reader, model: str) -> None:
-    """--method kd / vlsi stages 1-2: the student's tokenizer (read alone from `model`, no weights) against the
-    cache's (a vlsi stage 3 is plain SFT and needs no shared tokenizer)."""
-    if cfg.method in ("kd", "vlsi") and cfg.stage != 3 and reader is not None:
-        check_same_tokenizer(load_tokenizer(model), reader.manifest, cfg.cache, model, cfg.method)
-
-
-def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool, model: str) -> VerbalizerSources | None:
-    """The cache's layers and the verbalizer folders a VLsI stage 1-2 needs (None for other runs); raises
-    ValueError / FileNotFoundError before any model loads."""
-    if cfg.method != "vlsi" or cfg.stage == 3:
-        return None
+def check_vlsi_inputs(cfg: TrainConfig, reader, out: Path, resumed: bool, model: str) -> VerbalizerSources:
+    """The cache's layers and the verbalizer folders a VLsI stage 1-2 needs; raises ValueError / FileNotFoundError
+    before any model loads."""
     layers = reader.require_layers()  # a cache without intermediate layers fails here, saying how to dump them
     previous = stage_dir(cfg, 1) if cfg.stage == 2 and not cfg.from_student else None
     given = Path(cfg.teacher_verbalizers) if cfg.teacher_verbalizers else None

@@ -231,5 +231,5 @@ def test_kd_leaves_the_student_heads_padding_rows_out(same_cache, same_student):
     from student.loop import _Run  # the training step's dispatch hands the tokenizer's size on
 
     cfg = TrainConfig(cache=str(same_cache), student="s", out="o", stage=2, method="kd")
-    terms = _Run(cfg, padded, None, None, False, [], [], None, size)._terms(batch, False)
+    terms = _Run(cfg, padded, None, None, False, [], [], vocab=size)._terms(batch, False)
     torch.testing.assert_close(terms["kd"], reference, rtol=1e-5, atol=1e-6)
