@@ -53,7 +53,8 @@ def build_student(out: Path) -> Path:
 
 
 def jobs(work: Path, s, teacher_folder: Path, variants, regimes, seeds) -> list[tuple]:
-    """Builds (or reuses) this pair's base and cache; returns quality_runs.run_variant's arguments (after `s`) per run."""
+    """Builds (or reuses) this pair's base and cache; returns quality_runs.run_variant's arguments (after `s`), one
+    tuple per run."""
     base = base_student(work, s, work / FOLDER / "base", build_student)
     cache = pool_cache(work, s, teacher_folder, work / FOLDER / "cache", TEACHER_LAYERS)
     ids = {"full": None, "low": regime_ids(cache, s.low_fraction)}

@@ -19,7 +19,8 @@ from pathlib import Path
 from pipeline.run_metrics import METRICS_FILE, read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
-__all__ = ["MetricsLog", "drop_rows_after", "read_metrics"]  # read_metrics: pipeline/run_metrics.py's, also importable here
+# read_metrics is pipeline/run_metrics.py's, importable from here too
+__all__ = ["MetricsLog", "drop_rows_after", "read_metrics"]
 
 
 class MetricsLog:

@@ -1,6 +1,6 @@
 """VLsI (Verbalized Layers-to-Interactions, arXiv 2412.01822) from the teacher cache: the verbalizers, their
 files, the choice of student layers and the order-preserving layer matching. The losses are in
-student/vlsi_step.py; `student train --method vlsi --stage 1|2|3` runs them (student/train.py, loop.py).
+student/vlsi_step.py; `student train --method vlsi --stage 1|2|3` runs them as student/methods.py declares VLsI.
 
 VLsI needs the student to share the teacher's tokenizer (student/tokenizer_match.py checks it). A verbalizer
 per chosen layer turns that layer's hidden state into a distribution over the shared vocabulary through the
