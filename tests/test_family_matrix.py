@@ -243,7 +243,11 @@ def test_no_deprecation_warning_from_our_calls(matrix_model, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert "deprecat" not in output.lower(), output[-3000:]
+    # transformers 5.23-5.24's PaliGemma processor itself trips numpy's copy-keyword DeprecationWarning on
+    # any call (gone in 5.25): not a deprecated call of ours, so it is not counted
+    lines = [line for line in output.splitlines() if "deprecat" in line.lower()
+             and "__array__ implementation doesn't accept a copy keyword" not in line]
+    assert not lines, output[-3000:]
 
 
 def _lfm2_vl(layer_types):
