@@ -61,7 +61,8 @@ def train_command(resume, progress, **options):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True)
 def eval_command(**options):
-    """Greedy exact-match accuracy of MODEL on DATA, overall and per question type."""
+    """Greedy answers of MODEL on DATA, scored per question type and overall: exact-match accuracy, and the score
+    (scenes: object F1 for descriptions; `score` is the mean over question types)."""
     from pipeline.vlm.evaluate import evaluate
     from student.checkpoint import check_not_a_run_folder
 
@@ -72,9 +73,9 @@ def eval_command(**options):
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     for kind, counts in result["per_type"].items():
-        click.echo(f"{kind}: {_percent(counts['accuracy'])} of {counts['samples']}")
-    click.echo(f"all: {_percent(result['accuracy'])} of {result['samples']} (skipped {result['skipped']}); "
-               f"wrote {result['output']}")
+        click.echo(f"{kind}: score {_percent(counts['score'])}, exact {_percent(counts['accuracy'])} of {counts['samples']}")
+    click.echo(f"all: score {_percent(result['score'])} (mean over types), exact {_percent(result['accuracy'])} of "
+               f"{result['samples']} (skipped {result['skipped']}); wrote {result['output']}")
 
 
 @main.command("check")

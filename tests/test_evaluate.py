@@ -100,8 +100,10 @@ def test_accuracy_overall_and_per_type(tmp_path):
     assert json.loads(path.read_text()) == result and result["output"] == str(path)
     assert result["samples"] == 30 and result["correct"] == counts["shape"]
     assert result["accuracy"] == pytest.approx(counts["shape"] / 30)
-    assert result["per_type"]["shape"] == {"samples": counts["shape"], "correct": counts["shape"], "accuracy": 1.0}
-    assert result["per_type"]["color"] == {"samples": counts["color"], "correct": 0, "accuracy": 0.0}
+    assert result["per_type"]["shape"] == {"samples": counts["shape"], "correct": counts["shape"], "accuracy": 1.0,
+                                           "score": 1.0}
+    assert result["per_type"]["color"] == {"samples": counts["color"], "correct": 0, "accuracy": 0.0, "score": 0.0}
+    assert result["score"] == pytest.approx(1 / 3)  # the mean over the three types
     assert result["per_type"]["yes/no"]["accuracy"] == 0.0
     first = result["examples"][0]
     assert first["id"] == samples[0].sample_id and first["question"] == question_text(samples[0])

@@ -10,7 +10,8 @@ Sources: LLaVA records (`.json` list or `.jsonl`: `{"id", "image": path | [paths
 [{"from": human|gpt|system, "value": "<image>\n..."}]}`); TRL records (`{"messages": [{"role",
 "content": str | [parts]}], "images": [paths | {"bytes", "path"} | PIL]}`) from `.jsonl`, `.parquet`
 or a `save_to_disk` folder (`split` picks from a DatasetDict, default "train"); `easy-vqa:train` /
-`easy-vqa:test` (refs relative to the package's images folder, see `image_root_for`).
+`easy-vqa:test` (refs relative to the package's images folder, see `image_root_for`); `scenes:train` /
+`scenes:test` (generated scenes with multi-token answers and their ground truth, pipeline/vlm/scenes.py).
 
 Every assistant turn is a target: its prompt is all earlier turns (earlier answers included) and
 it carries the images placed in them. `<image>` marks image places (text pieces are stripped); a
@@ -39,6 +40,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from pipeline.vlm.images import ImageError, ImageSpec, bytes_image, path_image, pil_image
+from pipeline.vlm.scenes import is_scenes, scene_samples
 
 __all__ = ["BadSample", "DataError", "DataSample", "ImageError", "ImageSpec", "image_root_for",
            "read_samples", "samples_from_records"]
@@ -86,10 +88,12 @@ def read_samples(source: str, image_root: str | None = None,
     """Samples of `source` (see the module docstring); raises DataError now if it is unreadable."""
     if _is_easy_vqa(source):
         return _easy_vqa(source, image_root, split)
+    if is_scenes(source):
+        return scene_samples(source, split)
     path = Path(source)
     if not path.exists():
         raise DataError(f"data source {source} does not exist: pass a .json/.jsonl/.parquet file, "
-                        "a datasets folder saved with save_to_disk, or easy-vqa:<train|test>")
+                        "a datasets folder saved with save_to_disk, easy-vqa:<train|test> or scenes:<train|test>")
     if path.is_dir():
         name, records = _datasets_records(path, split)
     elif path.suffix == ".json":

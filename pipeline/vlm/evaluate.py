@@ -9,8 +9,10 @@
 
 Greedy decoding through `pipeline.vlm.generation.HFGenerator` (several prompts per `model.generate`
 call, left padding, answers cut at the chat template's end-of-turn ids). A prediction is right when it equals the answer after
-`pipeline.vlm.answers.normalize_answer` (lower case, punctuation and articles dropped, spaces collapsed). Samples with a
-`meta["question_type"]` (easy-vqa: shape, color, yes/no) are also scored per type. Malformed records
+`pipeline.vlm.answers.normalize_answer` (lower case, punctuation and articles dropped, spaces collapsed); a
+scenes record (`scenes:test`) is scored against its ground truth (`pipeline.vlm.scenes.score_answer`: object F1
+for descriptions, the parsed value for the rest). Samples with a `meta["question_type"]` (easy-vqa: shape, color,
+yes/no; scenes: describe, count, attribute, relation) are also scored per type; `score` is the mean over types. Malformed records
 (BadSample), images that fail to load and prompts the chat template cannot render are skipped and
 counted under "skipped".
 """
@@ -30,6 +32,7 @@ from pipeline.vlm.data import BadSample, DataSample, read_samples
 from pipeline.store.fsutil import write_atomic
 from pipeline.vlm.generation import Failed, GenerationSettings, HFGenerator
 from pipeline.vlm.images import ImageError
+from pipeline.vlm.scenes import score_answer
 from pipeline.vlm.models import load_vlm, pick_device
 from pipeline.vlm.prompting import TemplateError, render
 
@@ -77,11 +80,13 @@ class GreedyPredictor:
 
 
 class _Tally:
-    """Running counts: overall, per question type, skips and the first examples."""
+    """Running counts: overall, per question type, skips and the first examples. A sample's score is 1/0 exact
+    match, or for scenes records (meta["scene"]) `pipeline.vlm.scenes.score_answer` (object F1 for descriptions)."""
 
     def __init__(self):
         self.total = self.correct = 0
-        self.types: dict[str, list[int]] = {}  # type -> [samples, correct]
+        self.score_sum = 0.0
+        self.types: dict[str, list] = {}  # type -> [samples, correct, score sum]
         self.skipped: list[dict] = []
         self.examples: list[dict] = []
 
@@ -89,27 +94,41 @@ class _Tally:
         self.skipped.append({"id": sample_id, "reason": reason})
 
     def add(self, sample: DataSample, prediction: str) -> None:
-        right = is_match(prediction, sample.answer or "")
+        value = sample_score(sample, prediction)
+        right = value == 1.0
         self.total += 1
         self.correct += right
+        self.score_sum += value
         kind = sample.meta.get("question_type")
         if kind is not None:
-            counts = self.types.setdefault(str(kind), [0, 0])
+            counts = self.types.setdefault(str(kind), [0, 0, 0.0])
             counts[0] += 1
             counts[1] += right
+            counts[2] += value
         if len(self.examples) < N_EXAMPLES:
             self.examples.append({"id": sample.sample_id, "question": question_text(sample), "answer": sample.answer,
-                                  "prediction": prediction, "correct": right, "question_type": kind})
+                                  "prediction": prediction, "correct": right, "score": value, "question_type": kind})
 
     def result(self) -> dict:
+        per_type = {k: {"samples": n, "correct": c, "accuracy": _ratio(c, n), "score": _ratio(total, n)}
+                    for k, (n, c, total) in sorted(self.types.items())}
+        scores = [t["score"] for t in per_type.values()]
         return {
             "samples": self.total, "correct": self.correct, "accuracy": _ratio(self.correct, self.total),
-            "per_type": {k: {"samples": n, "correct": c, "accuracy": _ratio(c, n)} for k, (n, c) in sorted(self.types.items())},
+            "score": sum(scores) / len(scores) if scores else _ratio(self.score_sum, self.total),
+            "per_type": per_type,
             "skipped": len(self.skipped), "skipped_examples": self.skipped[:N_SKIP_REASONS], "examples": self.examples,
         }
 
 
-def _ratio(num: int, den: int) -> float | None:
+def sample_score(sample: DataSample, prediction: str) -> float:
+    """1.0 / 0.0 exact match after normalising; a scenes record is scored against its ground truth instead."""
+    if "scene" in sample.meta:
+        return score_answer(prediction, sample.meta)
+    return float(is_match(prediction, sample.answer or ""))
+
+
+def _ratio(num: float, den: int) -> float | None:
     return num / den if den else None
 
 
