@@ -311,11 +311,14 @@ def feature_encoding(encoding: str, source_dtype: torch.dtype) -> FeatureEncodin
 
 
 def save_teacher_files(out: str, teacher: LoadedTeacher) -> None:
-    """Head + config + tokenizer/processor + chat template under teacher/, once per cache (atomic)."""
+    """Head + token embeddings + config + tokenizer/processor + chat template under teacher/, once per cache
+    (atomic)."""
+    from pipeline.store.teacher_embeddings import write_teacher_embeddings
     from pipeline.store.teacher_head import write_teacher_head
     from pipeline.vlm.processors import save_processor
 
     write_teacher_head(out, teacher.head.weight, teacher.head.bias)
+    write_teacher_embeddings(out, teacher.model)
     final = Path(out) / TEACHER_HF_DIR
     if final.exists():
         return

@@ -6,6 +6,9 @@ reasons behind the layout.
 
 from schemas.errors import CacheFormatError, CacheMismatchError
 from schemas.layout import (
+    EMBED_FILE,
+    EMBED_FORMAT,
+    EMBED_WEIGHT,
     HEAD_BIAS,
     HEAD_FILE,
     HEAD_FORMAT,
@@ -61,7 +64,8 @@ from schemas.shard import (
 from schemas.tables import REJECT_COLUMNS, SAMPLE_COLUMNS
 
 __all__ = [
-    "ARRAY_SPECS", "ARRAYS_DIR", "CODEC_NAMES", "FORMAT_NAME", "FORMAT_VERSION", "HEAD_BIAS", "HEAD_FILE", "HEAD_FORMAT",
+    "ARRAY_SPECS", "ARRAYS_DIR", "CODEC_NAMES", "EMBED_FILE", "EMBED_FORMAT", "EMBED_WEIGHT", "FORMAT_NAME",
+    "FORMAT_VERSION", "HEAD_BIAS", "HEAD_FILE", "HEAD_FORMAT",
     "HEAD_WEIGHT", "IMAGES_DIR", "INDEX_FILE", "LOCKS_DIR", "MANIFEST_FILE", "MIN_COSINE", "PATH_REF", "RESPONSES_DIR",
     "REJECTS_FILE", "REJECT_COLUMNS", "SAMPLES_FILE", "SAMPLE_COLUMNS", "SHA256_REF", "SHARDS_DIR", "TEACHER_DIR",
     "TEACHER_HF_DIR", "TMP_PREFIX", "image_file", "parse_image_ref", "path_ref", "sha256_ref",

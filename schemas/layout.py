@@ -3,6 +3,8 @@
     cache/
       manifest.json                   MANIFEST_FILE
       teacher/head.safetensors        HEAD_FILE: tensors HEAD_WEIGHT [vocab, d] and, if any, HEAD_BIAS [vocab]
+      teacher/embed_tokens.safetensors  EMBED_FILE: EMBED_WEIGHT [rows, d], what the teacher's input embedding
+                                      gives each token id (its scale included); caches before it have none
       teacher/hf/                     TEACHER_HF_DIR: config, tokenizer/processor files, chat template
       shards/<name>/                  SHARDS_DIR; a shard being written is shards/TMP_PREFIX<...>
       locks/<writer>.lock             LOCKS_DIR: held while that writer runs
@@ -25,6 +27,9 @@ HEAD_WEIGHT = "weight"
 HEAD_BIAS = "bias"
 HEAD_FORMAT = "genrecal-teacher-head"
 TEACHER_HF_DIR = f"{TEACHER_DIR}/hf"
+EMBED_FILE = f"{TEACHER_DIR}/embed_tokens.safetensors"
+EMBED_WEIGHT = "weight"
+EMBED_FORMAT = "genrecal-teacher-token-embeddings"
 SHARDS_DIR = "shards"
 LOCKS_DIR = "locks"
 IMAGES_DIR = "images"

@@ -355,3 +355,24 @@ def test_vllm_child_environment_under_torchrun():
     assert vllm_child_env(narrowed, 2)["CUDA_VISIBLE_DEVICES"] == "6,7"
     with pytest.raises(GenerationPhaseError, match="LOCAL_RANK 2 needs GPUs 4..5 of CUDA_VISIBLE_DEVICES=4,5,6,7"):
         vllm_child_env({**narrowed, "LOCAL_RANK": "2"}, 2)
+
+
+def test_the_dump_stores_the_teachers_token_embeddings(tmp_path, tiny_vlm_dir):
+    """teacher/embed_tokens.safetensors holds, per id, the input embedding the teacher's forward uses: the
+    weight row for Qwen2-VL, the row times sqrt(d) for Gemma 3 (its scaled embedding)."""
+    import math
+
+    from pipeline.store.teacher_embeddings import load_teacher_embeddings
+    from pipeline.vlm.tiny import build_tiny_vlm
+
+    gemma = build_tiny_vlm("gemma3-tiny", tmp_path / "gemma", tokenizer="tiny-bpe", hidden_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128)
+    for folder, scale in ((tiny_vlm_dir("qwen2-vl-tiny", "qwen2"), 1.0), (gemma, math.sqrt(64))):
+        out = tmp_path / f"cache-{scale}"
+        stats = dump_teacher(DumpConfig(model=str(folder), data="easy-vqa:train", out=str(out), limit=2, top_k=4),
+                             progress=False)
+        assert stats.written == 2
+        table = load_teacher_embeddings(out, CacheReader(out).manifest)
+        weight = load_vlm(folder).model.get_input_embeddings().weight.detach()
+        assert table.shape == weight.shape
+        torch.testing.assert_close(table, weight * scale, rtol=1e-6, atol=1e-6)
