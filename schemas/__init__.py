@@ -6,12 +6,15 @@ reasons behind the layout.
 
 from schemas.errors import CacheFormatError, CacheMismatchError
 from schemas.layout import (
+    COMMIT_SUFFIX,
+    COMMITS_DIR,
     EMBED_FILE,
     EMBED_FORMAT,
     EMBED_WEIGHT,
     HEAD_BIAS,
     HEAD_FILE,
     HEAD_FORMAT,
+    HEAD_SHA256_FILE,
     HEAD_WEIGHT,
     IMAGES_DIR,
     LOCKS_DIR,
@@ -64,6 +67,7 @@ from schemas.shard import (
 from schemas.tables import REJECT_COLUMNS, SAMPLE_COLUMNS
 
 __all__ = [
+    "COMMIT_SUFFIX", "COMMITS_DIR", "HEAD_SHA256_FILE",
     "ARRAY_SPECS", "ARRAYS_DIR", "CODEC_NAMES", "EMBED_FILE", "EMBED_FORMAT", "EMBED_WEIGHT", "FORMAT_NAME",
     "FORMAT_VERSION", "HEAD_BIAS", "HEAD_FILE", "HEAD_FORMAT",
     "HEAD_WEIGHT", "IMAGES_DIR", "INDEX_FILE", "LOCKS_DIR", "MANIFEST_FILE", "MIN_COSINE", "PATH_REF", "RESPONSES_DIR",

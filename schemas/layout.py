@@ -3,10 +3,12 @@
     cache/
       manifest.json                   MANIFEST_FILE
       teacher/head.safetensors        HEAD_FILE: tensors HEAD_WEIGHT [vocab, d] and, if any, HEAD_BIAS [vocab]
+      teacher/head.safetensors.sha256 HEAD_SHA256_FILE: hex sha256 of HEAD_FILE, written after it
       teacher/embed_tokens.safetensors  EMBED_FILE: EMBED_WEIGHT [rows, d], what the teacher's input embedding
                                       gives each token id (its scale included); caches before it have none
       teacher/hf/                     TEACHER_HF_DIR: config, tokenizer/processor files, chat template
-      shards/<name>/                  SHARDS_DIR; a shard being written is shards/TMP_PREFIX<...>
+      shards/<name>/                  SHARDS_DIR; a shard being written is shards/TMP_PREFIX<...> (local folders)
+      commits/<name>.json             COMMITS_DIR: object stores only, the commit object of shard <name> (COMMIT.md)
       locks/<writer>.lock             LOCKS_DIR: held while that writer runs
       images/<2 hex>/<sha256>.png     IMAGES_DIR: pixels of images that came as bytes or PIL images
       responses/<writer>.jsonl        RESPONSES_DIR: teacher-written answers (responses = generate)
@@ -26,11 +28,14 @@ HEAD_FILE = f"{TEACHER_DIR}/head.safetensors"
 HEAD_WEIGHT = "weight"
 HEAD_BIAS = "bias"
 HEAD_FORMAT = "genrecal-teacher-head"
+HEAD_SHA256_FILE = f"{HEAD_FILE}.sha256"
 TEACHER_HF_DIR = f"{TEACHER_DIR}/hf"
 EMBED_FILE = f"{TEACHER_DIR}/embed_tokens.safetensors"
 EMBED_WEIGHT = "weight"
 EMBED_FORMAT = "genrecal-teacher-token-embeddings"
 SHARDS_DIR = "shards"
+COMMITS_DIR = "commits"
+COMMIT_SUFFIX = ".json"
 LOCKS_DIR = "locks"
 IMAGES_DIR = "images"
 RESPONSES_DIR = "responses"

@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from schemas import HEAD_FILE, SHARDS_DIR, array_specs, layer_array_names, read_manifest
-from pipeline.store.fsutil import dir_bytes
-from pipeline.store.layout import committed_shards, load_index, temporary_shards
+from schemas import HEAD_FILE, SHARDS_DIR, array_specs, layer_array_names
+from pipeline.store.backend import open_storage
+from pipeline.store.layout import load_index, read_cache_manifest
 
 
-def cache_summary(cache_dir: str | Path) -> dict:
-    """Counts, sizes and settings as one JSON-ready dict."""
-    root = Path(cache_dir)
-    manifest = read_manifest(root)
-    indexes = [load_index(root, name, manifest) for name in committed_shards(root)]
+def cache_summary(cache_dir) -> dict:
+    """Counts, sizes and settings as one JSON-ready dict (`cache_dir`: a folder, a URL or an open Storage)."""
+    root = open_storage(cache_dir)
+    manifest = read_cache_manifest(root)
+    indexes = [load_index(root, name, manifest) for name in root.committed_shards()]
     tokens = sum(ix.total_tokens for ix in indexes)
     qtokens = sum(ix.total_question_tokens for ix in indexes)
     rows = {"samples+1": sum(len(ix.sample_ids) + 1 for ix in indexes), "tokens": tokens, "question_tokens": qtokens}
@@ -42,7 +40,7 @@ def cache_summary(cache_dir: str | Path) -> dict:
         stored = sum(a["stored_bytes"] for a in present)
         layers[str(layer)] = {"stored_bytes": stored, "stored_bytes_per_token": stored / tokens if tokens else None}
     return {
-        "cache": str(root),
+        "cache": root.location,
         "format": f"{manifest.format} v{manifest.format_version} (written by genrecal {manifest.tool_version})",
         "teacher": manifest.teacher.model,
         "manifest": manifest.to_dict(),
@@ -55,10 +53,10 @@ def cache_summary(cache_dir: str | Path) -> dict:
         "question_tokens": qtokens,
         "arrays": arrays,
         "layers": layers,
-        "total_bytes": dir_bytes(root),
-        "shard_bytes": dir_bytes(root / SHARDS_DIR) if (root / SHARDS_DIR).is_dir() else 0,
-        "head_bytes": (root / HEAD_FILE).stat().st_size if (root / HEAD_FILE).is_file() else 0,
-        "temporary_folders": temporary_shards(root),
+        "total_bytes": root.tree_bytes(),
+        "shard_bytes": root.tree_bytes(SHARDS_DIR),
+        "head_bytes": root.file_size(HEAD_FILE) or 0,
+        "temporary_folders": root.uncommitted_shards(),
     }
 
 
@@ -128,7 +126,7 @@ def feature_precision(f: dict) -> str:
     return f"{f['encoding']}: lossy relative to the {source} teacher (cosine >= {f['min_cosine']}, checked at dump time)"
 
 
-def list_rejects(cache_dir: str | Path) -> list[dict]:
+def list_rejects(cache_dir) -> list[dict]:
     """Every rejected sample of the committed shards: {"sample_id", "source", "stage", "reason"}, in shard order."""
     from pipeline.store.reader import CacheReader
 

@@ -12,8 +12,9 @@ A random read costs one zarr read per array (about 2 ms each, 7-9 arrays); `get_
 a whole shard once (one read per array) and cuts every later sample of that shard from memory,
 which is what a shard-ordered trainer wants (student/batches.py `ShardWindowSampler`).
 
-Only committed shards are visible. The reader holds paths and small indexes; zarr
-handles and shard blocks are opened lazily per process, so it pickles into DataLoader workers.
+Only committed shards are visible. The cache may be a folder or an object-store URL (s3://, gs://, az://);
+the reader holds its Storage and small indexes; zarr handles, clients and shard blocks are opened lazily
+per process, so it pickles into DataLoader workers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -36,11 +36,11 @@ from schemas import (
     SAMPLES_FILE,
     CacheManifest,
     layer_array_names,
-    read_manifest,
     require_layers,
 )
 from pipeline.store.encoding import decode_features
-from pipeline.store.layout import committed_shards, load_index, shard_dir
+from pipeline.store.backend import open_storage
+from pipeline.store.layout import load_index, read_cache_manifest, shard_dir
 from pipeline.store.shard_files import arrow_schema, open_arrays, read_table, read_whole_arrays
 
 TOKEN_ARRAYS = ("target_ids", "features", "feature_scales", "logsumexp", "topk_ids", "topk_logprobs", "tail_logmass")
@@ -112,12 +112,14 @@ class RowBlock:
 class CacheReader:
     """Read-only view of the committed shards of one cache folder."""
 
-    def __init__(self, cache_dir: str | Path, max_open_shards: int = 8, max_block_shards: int = 4,
+    def __init__(self, cache_dir, max_open_shards: int = 8, max_block_shards: int = 4,
                  read_layers: bool = True):
-        """`read_layers` False: samples come without their intermediate layer features (not read at all; for the
-        methods that do not use them, on a cache that holds them)."""
-        self.root = Path(cache_dir)
-        self.manifest: CacheManifest = read_manifest(self.root)
+        """`cache_dir`: a folder, an object-store URL or an open Storage. `read_layers` False: samples come
+        without their intermediate layer features (not read at all; for the methods that do not use them, on a
+        cache that holds them)."""
+        self.storage = open_storage(cache_dir)
+        self.root = self.storage.root if self.storage.is_local else self.storage.location  # a Path for folders
+        self.manifest: CacheManifest = read_cache_manifest(self.storage)
         self.layers: tuple[int, ...] = tuple(self.manifest.layers)  # intermediate layers stored (format 2)
         self.read_layers = read_layers
         layer_names = {name: (layer, kind) for layer in self.layers
@@ -125,8 +127,8 @@ class CacheReader:
         self._layer_names = layer_names if read_layers else {}
         self._skipped = frozenset() if read_layers else frozenset(layer_names)
         self._token_arrays = TOKEN_ARRAYS + tuple(self._layer_names)
-        self.shards = committed_shards(self.root)
-        self.indexes = {name: load_index(self.root, name, self.manifest) for name in self.shards}
+        self.shards = self.storage.committed_shards()
+        self.indexes = {name: load_index(self.storage, name, self.manifest) for name in self.shards}
         self.max_open_shards = max_open_shards
         self.max_block_shards = max_block_shards  # whole shards held in memory by get_from_block
         self._locations: dict[str, tuple[str, int]] = {}
@@ -207,12 +209,12 @@ class CacheReader:
         return block
 
     def _read_whole_shard(self, name: str) -> RowBlock:
-        arrays = read_whole_arrays(shard_dir(self.root, name), self._skipped)
+        arrays = read_whole_arrays(self.storage, shard_dir(name), self._skipped)
         self.shard_reads += 1
         offsets, qoffsets = arrays["offsets"].astype(np.int64), arrays["question_offsets"].astype(np.int64)
         rows = len(self.indexes[name].sample_ids)
         if len(offsets) != rows + 1 or len(qoffsets) != rows + 1:
-            raise ValueError(f"{shard_dir(self.root, name)}: offsets hold {len(offsets) - 1} rows but the index "
+            raise ValueError(f"{self.root}/{shard_dir(name)}: offsets hold {len(offsets) - 1} rows but the index "
                              f"lists {rows} samples; run `pipeline verify` on the cache")
         return RowBlock(name, 0, offsets, qoffsets, {k: arrays[k] for k in self._token_arrays if k in arrays},
                         {k: arrays[k] for k in QUESTION_ARRAYS if k in arrays})
@@ -273,7 +275,7 @@ class CacheReader:
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
-        arrays = open_arrays(shard_dir(self.root, name))
+        arrays = open_arrays(self.storage, shard_dir(name))
         entry = (arrays, arrays["offsets"][:], arrays["question_offsets"][:])
         self._open[name] = entry
         if len(self._open) > self.max_open_shards:
@@ -283,16 +285,16 @@ class CacheReader:
     # -- tables and head ---------------------------------------------------------------
     def sample_table(self) -> pa.Table:
         """The sample table of every committed shard (duplicates not removed)."""
-        return _concat([read_table(shard_dir(self.root, n) / SAMPLES_FILE) for n in self.shards], SAMPLE_COLUMNS)
+        return _concat([read_table(self.storage, f"{shard_dir(n)}/{SAMPLES_FILE}") for n in self.shards], SAMPLE_COLUMNS)
 
     def rejects_table(self) -> pa.Table:
-        return _concat([read_table(shard_dir(self.root, n) / REJECTS_FILE) for n in self.shards], REJECT_COLUMNS)
+        return _concat([read_table(self.storage, f"{shard_dir(n)}/{REJECTS_FILE}") for n in self.shards], REJECT_COLUMNS)
 
     def sample_meta(self, sample_id: str) -> dict:
         """The sample-table row of one sample, with `messages` parsed from JSON."""
         name, row = self._locations[sample_id]
         if name not in self._tables:
-            self._tables[name] = read_table(shard_dir(self.root, name) / SAMPLES_FILE)
+            self._tables[name] = read_table(self.storage, f"{shard_dir(name)}/{SAMPLES_FILE}")
             if len(self._tables) > self.max_open_shards:
                 self._tables.popitem(last=False)
         row_dict = self._tables[name].slice(row, 1).to_pylist()[0]
@@ -303,8 +305,9 @@ class CacheReader:
         """`schemas.require_layers` for this cache: its layers (or `wanted`), else a ValueError saying what to do."""
         return require_layers(self.manifest, wanted, str(self.root))
 
-    def head_path(self) -> Path:
-        return self.root / HEAD_FILE
+    def head_path(self):
+        """A local path of the teacher head file (downloaded once from an object store)."""
+        return self.storage.local_path(HEAD_FILE)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -1,4 +1,4 @@
-"""Write one shard folder and read its arrays.
+"""Write one shard folder (always on a local disk: an object store gets it uploaded) and read its arrays.
 
     shards/<name>/index.json        ShardIndex
     shards/<name>/samples.parquet   sample table rows of this shard
@@ -69,7 +69,8 @@ def write_shard(
 ) -> ShardIndex:
     """Fill `folder` (a fresh temporary folder) with one complete shard; return its index.
 
-    The caller commits it by renaming the folder; nothing here is visible to readers.
+    The caller commits it through its Storage (a rename, or an upload and a commit object); nothing here is
+    visible to readers.
     """
     group = zarr.open_group(str(folder / ARRAYS_DIR), mode="w", zarr_format=3)
     records = {}
@@ -131,16 +132,17 @@ def array_sha256(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).hexdigest()
 
 
-def open_arrays(folder: Path) -> dict[str, zarr.Array]:
-    group = zarr.open_group(str(folder / ARRAYS_DIR), mode="r", zarr_format=3)
+def open_arrays(storage, folder: str) -> dict[str, zarr.Array]:
+    """The arrays of the shard at `folder` (relative to the cache root of `storage`)."""
+    group = storage.open_zarr_group(f"{folder}/{ARRAYS_DIR}", mode="r")
     return {name: group[name] for name in group.array_keys()}
 
 
-def read_whole_arrays(folder: Path, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+def read_whole_arrays(storage, folder: str, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
     """Every array of one shard folder but those named in `skip`, read whole: one zarr read per array instead of
     one per array per sample."""
-    return {name: array[...] for name, array in open_arrays(folder).items() if name not in skip}
+    return {name: array[...] for name, array in open_arrays(storage, folder).items() if name not in skip}
 
 
-def read_table(path: Path) -> pa.Table:
-    return pq.read_table(path)
+def read_table(storage, rel: str) -> pa.Table:
+    return storage.read_table(rel)

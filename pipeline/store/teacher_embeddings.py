@@ -14,12 +14,11 @@ written before this file existed serve every other layout; this one tells the us
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from schemas import EMBED_FILE, EMBED_FORMAT, EMBED_WEIGHT, CacheFormatError, CacheManifest
-from pipeline.store.fsutil import fsync_dir
+from pipeline.store.backend import open_storage
+from pipeline.store.tensor_files import safetensors_shapes, write_safetensors
 
 ROWS_PER_CHUNK = 8192
 
@@ -35,46 +34,40 @@ def embedding_rows(model) -> torch.Tensor:
     return torch.cat(parts).to(embed.weight.dtype).contiguous()
 
 
-def write_teacher_embeddings(cache_dir: str | Path, model) -> Path:
-    """Save the teacher's token embeddings once (atomic; a no-op if the file exists with the same shape)."""
-    from safetensors.torch import save_file
-
-    path = Path(cache_dir) / EMBED_FILE
+def write_teacher_embeddings(cache_dir, model) -> str:
+    """Save the teacher's token embeddings once (atomic; a no-op if the file exists with the same shape).
+    `cache_dir`: a folder, an object-store URL or an open Storage."""
+    storage = open_storage(cache_dir)
+    path = f"{storage.location}/{EMBED_FILE}"
     table = embedding_rows(model)
-    if path.exists():
-        if embedding_shape(path) != tuple(table.shape):
-            raise CacheFormatError(f"{path}: token embeddings of shape {embedding_shape(path)} are already stored, "
+    if storage.exists(EMBED_FILE):
+        if embedding_shape(storage) != tuple(table.shape):
+            raise CacheFormatError(f"{path}: token embeddings of shape {embedding_shape(storage)} are already stored, "
                                    f"this teacher's are {tuple(table.shape)}")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{torch.randint(1 << 30, ()).item()}-{path.name}")
-    save_file({EMBED_WEIGHT: table}, str(tmp), metadata={"format": EMBED_FORMAT})
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    write_safetensors(storage, EMBED_FILE, {EMBED_WEIGHT: table}, EMBED_FORMAT)
     return path
 
 
-def embedding_shape(path: Path) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return tuple(f.get_slice(EMBED_WEIGHT).get_shape())
+def embedding_shape(cache) -> tuple[int, ...]:
+    return safetensors_shapes(open_storage(cache), EMBED_FILE)[EMBED_WEIGHT]
 
 
-def has_teacher_embeddings(cache_dir: str | Path) -> bool:
-    return (Path(cache_dir) / EMBED_FILE).is_file()
+def has_teacher_embeddings(cache_dir) -> bool:
+    return open_storage(cache_dir).exists(EMBED_FILE)
 
 
-def check_teacher_embeddings(cache_dir: str | Path, manifest: CacheManifest) -> None:
+def check_teacher_embeddings(cache_dir, manifest: CacheManifest) -> None:
     """CacheFormatError unless the stored table exists, is d wide and holds a row for every head id."""
-    path = Path(cache_dir) / EMBED_FILE
-    if not path.is_file():
+    storage = open_storage(cache_dir)
+    path = f"{storage.location}/{EMBED_FILE}"
+    if not storage.exists(EMBED_FILE):
         raise CacheFormatError(
             f"{path} is missing: this cache was written before the teacher's token embeddings were stored, so it "
             "cannot serve --layout teacher-tokens (every other layout works). Dump the teacher again into a new "
             "--out to get them")
     try:
-        rows, width = embedding_shape(path)
+        rows, width = embedding_shape(storage)
     except Exception as err:  # safetensors raises its own types on a damaged header
         raise CacheFormatError(f"{path}: unreadable token embeddings ({err})") from None
     if width != manifest.teacher.hidden_size:
@@ -82,9 +75,10 @@ def check_teacher_embeddings(cache_dir: str | Path, manifest: CacheManifest) -> 
                                f"{manifest.teacher.hidden_size}")
 
 
-def load_teacher_embeddings(cache_dir: str | Path, manifest: CacheManifest, device="cpu") -> torch.Tensor:
-    """The [rows, d] table, after `check_teacher_embeddings`."""
+def load_teacher_embeddings(cache_dir, manifest: CacheManifest, device="cpu") -> torch.Tensor:
+    """The [rows, d] table, after `check_teacher_embeddings` (from an object store: downloaded once)."""
     from safetensors.torch import load_file
 
-    check_teacher_embeddings(cache_dir, manifest)
-    return load_file(str(Path(cache_dir) / EMBED_FILE), device=str(device))[EMBED_WEIGHT]
+    storage = open_storage(cache_dir)
+    check_teacher_embeddings(storage, manifest)
+    return load_file(str(storage.local_path(EMBED_FILE)), device=str(device))[EMBED_WEIGHT]

@@ -9,15 +9,15 @@ the index). Problems are collected per shard so one bad shard never hides anothe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from schemas import INDEX_FILE, REJECTS_FILE, SAMPLES_FILE, CacheFormatError, CacheManifest, read_manifest
+from schemas import INDEX_FILE, REJECTS_FILE, SAMPLES_FILE, CacheFormatError, CacheManifest
 from pipeline.progress import progress_bar
-from pipeline.store.fsutil import files_under, sha256_file
-from pipeline.store.layout import committed_shards, load_index, shard_dir, temporary_shards
+from pipeline.store.backend import Storage, open_storage
+from pipeline.store.layout import load_index, read_cache_manifest, shard_dir
 from pipeline.store.shard_files import array_sha256, open_arrays, read_table
 from pipeline.store.teacher_head import check_teacher_head
 
@@ -40,16 +40,18 @@ class VerifyReport:
         self.problems.setdefault(key, []).append(problem)
 
 
-def verify_cache(cache_dir: str | Path, progress: bool = False) -> VerifyReport:
-    """Check everything; raises CacheFormatError only when the manifest itself is unusable."""
-    root = Path(cache_dir)
-    manifest = read_manifest(root)
-    report = VerifyReport(str(root))
+def verify_cache(cache_dir, progress: bool = False) -> VerifyReport:
+    """Check everything; raises CacheFormatError only when the manifest itself is unusable.
+
+    `cache_dir`: a folder, an object-store URL or an open Storage."""
+    root = open_storage(cache_dir)
+    manifest = read_cache_manifest(root)
+    report = VerifyReport(root.location)
     try:
         check_teacher_head(root, manifest)
     except CacheFormatError as err:
         report.add(TEACHER_KEY, str(err))
-    names = committed_shards(root)
+    names = root.committed_shards()
     seen: dict[str, str] = {}
     for name in _progress(names, progress):
         report.shards_checked += 1
@@ -62,7 +64,7 @@ def verify_cache(cache_dir: str | Path, progress: bool = False) -> VerifyReport:
             else:
                 seen[sid] = name
     report.samples = len(seen)
-    for tmp in temporary_shards(root):
+    for tmp in root.uncommitted_shards():
         report.warnings.append(
             f"leftover temporary folder shards/{tmp} (a writer was killed or is still running; "
             "rerunning that writer removes it, readers ignore it)"
@@ -70,16 +72,16 @@ def verify_cache(cache_dir: str | Path, progress: bool = False) -> VerifyReport:
     return report
 
 
-def verify_shard(root: Path, name: str, manifest: CacheManifest) -> tuple[list[str], tuple[str, ...]]:
+def verify_shard(root: Storage, name: str, manifest: CacheManifest) -> tuple[list[str], tuple[str, ...]]:
     """(problems, sample ids) of one shard."""
-    folder = shard_dir(root, name)
+    folder = shard_dir(name)
     try:
         index = load_index(root, name, manifest)
     except CacheFormatError as err:
         return [str(err)], ()
-    problems = _check_files(folder, index.files)
+    problems = _check_commit(root, name) + _check_files(root, folder, index.files)
     try:
-        arrays = open_arrays(folder)
+        arrays = open_arrays(root, folder)
     except Exception as err:  # zarr raises several types for damaged metadata
         return problems + [f"arrays/ cannot be opened: {err}"], index.sample_ids
     for array_name, record in index.arrays.items():
@@ -94,19 +96,30 @@ def verify_shard(root: Path, name: str, manifest: CacheManifest) -> tuple[list[s
             problems.append(f"array {array_name}: content sha256 differs from index.json")
         else:
             problems += _check_values(array_name, data, index, manifest)
-    problems += _check_tables(folder, index)
+    problems += _check_tables(root, folder, index)
     return problems, index.sample_ids
 
 
-def _check_files(folder: Path, recorded: dict[str, str]) -> list[str]:
+def _check_commit(root: Storage, name: str) -> list[str]:
+    """Object stores: index.json is the one the commit object names (a local rename commits the folder whole)."""
+    if root.is_local:
+        return []
+    record = root.commit_record(name)
+    index = root.read_bytes(f"{shard_dir(name)}/{INDEX_FILE}")
+    if hashlib.sha256(index).hexdigest() != record.get("index_sha256"):
+        return [f"file {INDEX_FILE}: sha256 differs from its commit object (corrupted or replaced)"]
+    return []
+
+
+def _check_files(root: Storage, folder: str, recorded: dict[str, str]) -> list[str]:
     problems = []
-    present = {str(p) for p in files_under(folder)} - {INDEX_FILE}
+    present = set(root.list_files(folder)) - {INDEX_FILE}
     for rel in sorted(set(recorded) - present):
         problems.append(f"file {rel} is missing")
     for rel in sorted(present - set(recorded)):
         problems.append(f"file {rel} is not listed in index.json")
     for rel in sorted(present & set(recorded)):
-        if sha256_file(folder / rel) != recorded[rel]:
+        if root.sha256(f"{folder}/{rel}") != recorded[rel]:
             problems.append(f"file {rel}: sha256 differs from index.json (corrupted)")
     return problems
 
@@ -122,11 +135,11 @@ def _check_values(name: str, data: np.ndarray, index, manifest: CacheManifest) -
     return []
 
 
-def _check_tables(folder: Path, index) -> list[str]:
+def _check_tables(root: Storage, folder: str, index) -> list[str]:
     problems = []
     for filename, ids in ((SAMPLES_FILE, index.sample_ids), (REJECTS_FILE, index.rejected_ids)):
         try:
-            table = read_table(folder / filename)
+            table = read_table(root, f"{folder}/{filename}")
         except Exception as err:
             problems.append(f"{filename}: unreadable ({err})")
             continue

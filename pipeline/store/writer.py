@@ -1,15 +1,16 @@
-"""CacheWriter: append teacher samples to a cache folder, one owned shard at a time.
+"""CacheWriter: append teacher samples to a cache (a folder or an object-store URL), one owned shard at a time.
 
-Many writers (processes, machines on a shared file system) may write into one cache
-folder at once with no coordination beyond the file system:
-- each writer has an id and fills its own shards under `shards/.tmp-<id>-<random>`;
-- a full shard is flushed to disk and then renamed to `shards/<id>-<seq>-<random>`,
-  which is the commit: readers only ever list committed names;
-- a writer restarted with the same id deletes its own leftover temporary folders,
-  and `done_ids` (every sample stored or rejected by any committed shard) lets the
-  caller skip finished work, so rerunning the same command resumes.
+Many writers (processes, machines on a shared file system or one bucket) may write into one cache at
+once with no coordination beyond the storage (schemas/COMMIT.md):
+- each writer has an id and fills its own shards in a temporary folder;
+- a full shard is committed as `shards/<id>-<seq>-<random>` by its Storage: on a local folder by
+  renaming the flushed folder, on an object store by uploading it and then creating a commit object;
+  readers only ever list committed names;
+- a writer restarted with the same id deletes what it left uncommitted, and `done_ids` (every
+  sample stored or rejected by any committed shard) lets the caller skip finished work, so rerunning
+  the same command resumes.
 
-    with CacheWriter("cache/", manifest, writer_id="w0") as writer:
+    with CacheWriter("cache/", manifest, writer_id="w0") as writer:      # or "s3://bucket/cache"
         for sample in samples:
             if sample.sample_id not in writer.done_ids:
                 writer.add(sample)
@@ -17,34 +18,27 @@ folder at once with no coordination beyond the file system:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from schemas import (
-    LOCKS_DIR,
     MANIFEST_FILE,
-    SHARDS_DIR,
-    TMP_PREFIX,
     CacheManifest,
     as_format_version,
     expected_arrays,
     layer_array_names,
-    read_manifest,
 )
 from pipeline import __version__
 from pipeline.store.encoding import check_lossy_bound, decode_features, encode_features
-from pipeline.store.fsutil import create_exclusive, fsync_dir, fsync_tree
-from pipeline.store.layout import committed_sample_ids, committed_shards
+from pipeline.store.backend import Storage, open_storage
+from pipeline.store.layout import committed_sample_ids, read_cache_manifest
 from pipeline.store.shard_files import write_shard
 
 WRITER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -80,19 +74,20 @@ class TeacherSample:
 class CacheWriter:
     """Appends samples to one cache folder; see the module docstring."""
 
-    def __init__(self, cache_dir: str | Path, manifest: CacheManifest, writer_id: str = "w0", background: bool = True):
+    def __init__(self, cache_dir, manifest: CacheManifest, writer_id: str = "w0", background: bool = True):
+        """`cache_dir`: a folder, an object-store URL (s3://, gs://, az://) or an open Storage."""
         if not WRITER_ID_PATTERN.match(writer_id):
             raise ValueError(f"writer id {writer_id!r} may hold only letters, digits, '_' and '.'")
-        self.root = Path(cache_dir)
+        self.storage: Storage = open_storage(cache_dir)
+        self.root = self.storage.location
         self.writer_id = writer_id
-        (self.root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        self.manifest = ensure_manifest(self.root, manifest)
-        self._lock_fd = _acquire_lock(self.root, writer_id)
+        self.manifest = ensure_manifest(self.storage, manifest)
+        self._lock = self.storage.lock_writer(writer_id)
         try:
-            _remove_own_tmp(self.root, writer_id)
+            self.storage.remove_leftovers(writer_id)
             self.done_ids, self._next_seq = self._scan_committed()
         except BaseException:
-            os.close(self._lock_fd)  # a bad index must not leave the lock held in this process
+            self._lock.close()  # a bad index must not leave the lock held in this process
             raise
         self._arrays: dict[str, list[np.ndarray]] = {}
         self._samples: list[dict] = []
@@ -105,9 +100,9 @@ class CacheWriter:
 
     def _scan_committed(self) -> tuple[set[str], int]:
         """(ids stored or rejected by any committed shard, this writer's next shard number)."""
-        own = [name.split("-") for name in committed_shards(self.root)]  # names are <writer>-<seq>-<random>
+        own = [name.split("-") for name in self.storage.committed_shards()]  # names are <writer>-<seq>-<random>
         seqs = [int(parts[1]) for parts in own if parts[0] == self.writer_id]
-        return committed_sample_ids(self.root, self.manifest), max(seqs, default=0) + 1
+        return committed_sample_ids(self.storage, self.manifest), max(seqs, default=0) + 1
 
     # -- adding ------------------------------------------------------------------------
     def add(self, sample: TeacherSample) -> None:
@@ -226,9 +221,9 @@ class CacheWriter:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -261,15 +256,13 @@ class CacheWriter:
         self._next_seq += 1
         suffix = os.urandom(4).hex()
         name = f"{self.writer_id}-{seq:06d}-{suffix}"
-        shards = self.root / SHARDS_DIR
-        tmp = shards / f"{TMP_PREFIX}{self.writer_id}-{suffix}"
-        tmp.mkdir()
+        tmp = self.storage.begin_shard(self.writer_id, suffix)
         try:
             write_shard(tmp, name, self.writer_id, self.manifest, arrays, samples, rejects)
-            fsync_tree(tmp)
-            _commit_folder(tmp, shards / name)
+            self._lock.check()  # a writer whose object-store lease was taken over commits nothing more
+            self.storage.commit_shard(tmp, name)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.storage.discard_shard(tmp)
             raise
         self.done_ids.update(ids)
         self.committed.append(name)
@@ -279,13 +272,7 @@ class CacheWriter:
             self.wait()
 
 
-def _commit_folder(tmp: Path, final: Path) -> None:
-    """The commit point: one rename of a complete, flushed folder."""
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-
-
-def ensure_manifest(root: Path, manifest: CacheManifest) -> CacheManifest:
+def ensure_manifest(storage: Storage, manifest: CacheManifest) -> CacheManifest:
     """Create manifest.json if absent (first writer wins); otherwise check this run agrees with it."""
     stamped = replace(
         manifest,
@@ -293,36 +280,14 @@ def ensure_manifest(root: Path, manifest: CacheManifest) -> CacheManifest:
         created_at=manifest.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     payload = (json.dumps(stamped.to_dict(), indent=2) + "\n").encode()
-    if create_exclusive(root / MANIFEST_FILE, payload):
+    if storage.create_exclusive(MANIFEST_FILE, payload):
         return stamped
-    existing = read_manifest(root)
+    existing = read_cache_manifest(storage)
     # an older cache is resumed in its own version when this run needs nothing newer (a version-1 cache is a
     # version-2 cache without layers); its new shards are then written in that version too
     stamped = as_format_version(stamped, existing.format_version)
-    existing.check_compatible(stamped, str(root / MANIFEST_FILE))
+    existing.check_compatible(stamped, f"{storage.location}/{MANIFEST_FILE}")
     return existing
-
-
-def _acquire_lock(root: Path, writer_id: str) -> int:
-    locks = root / LOCKS_DIR
-    locks.mkdir(exist_ok=True)
-    path = locks / f"{writer_id}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RuntimeError(
-            f"writer {writer_id!r} is already running on {root} (lock {path} is held); "
-            "give each worker its own --worker-index"
-        ) from None
-    return fd
-
-
-def _remove_own_tmp(root: Path, writer_id: str) -> None:
-    """Delete temporary shard folders this writer id left behind when it was killed."""
-    for tmp in (root / SHARDS_DIR).glob(f"{TMP_PREFIX}{writer_id}-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _expect_shape(where: str, name: str, arr: np.ndarray, shape: tuple) -> None:
