@@ -45,6 +45,7 @@ def save_recalibrator(rec, folder: Path) -> None:
     (folder / "recalibrator.json").write_text(json.dumps({
         "depth": len(rec.layers), "layer_class": type(rec.layers[0]).__name__,
         "d_student": rec.proj_pre.out_features, "d_teacher": rec.proj_pre.in_features, "mrope": rec.mrope,
+        "token_inputs": hasattr(rec, "proj_tokens"),  # the teacher-tokens layout's projection (student/layouts.py)
     }, indent=2) + "\n")
 
 

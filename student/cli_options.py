@@ -9,6 +9,7 @@ docstring), so a setting is defined once, in student/config.py:
     `x: Literal["a", "b"]`                   ->  --x [a|b]
     `method`                                 ->  --method [genrecal|...]: the methods student/methods.py declares,
                                                  each one's line before the field's docstring
+    `layout`                                 ->  --layout [...]: the Recalibrator layouts of student/layouts.py
     a field without default                  ->  a required option (unless it may be None)
     LossConfig's fields                      ->  options of their own, gathered into TrainConfig.loss
 """
@@ -23,6 +24,7 @@ import click
 
 from schemas.dataclass_io import field_docs
 from student.config import LossConfig, TrainConfig
+from student.layouts import LAYOUTS, layouts_help
 from student.methods import METHODS, methods_help
 
 # fields set from code only (tests, benches), or nested
@@ -33,9 +35,10 @@ CLICK_TYPES = {
     "out": click.Path(file_okay=False),
     "stage": click.IntRange(1, 3),
     "method": click.Choice(tuple(METHODS)),
+    "layout": click.Choice(tuple(LAYOUTS)),
 }
 # help that comes from elsewhere than the field's docstring, put before it
-HELP_BEFORE = {"method": methods_help()}
+HELP_BEFORE = {"method": methods_help(), "layout": layouts_help()}
 SCALARS = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 

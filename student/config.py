@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from student.layouts import DEFAULT_LAYOUT, layout_named
 from student.methods import DEFAULT_METHOD, check_config
 
 
@@ -40,10 +41,12 @@ class LossConfig:
     verbalizer_kl_weight: float = 1.0
     """--method vlsi stage 2: weight of the layer KL, KL(teacher verbalized || student verbalized) averaged over
     the matched layer pairs."""
-    layout: Literal["student-last-prompt", "teacher-last-prompt"] = "student-last-prompt"
-    """Whose last prompt position predicts the first answer token through the Recalibrator.
-    student-last-prompt: the student's, so the Recalibrator needs the student's question (see student/step.py);
-    teacher-last-prompt: the teacher's cached last prompt feature (it carries the first answer token)."""
+    layout: str = DEFAULT_LAYOUT
+    """What the Recalibrator is fed at the scored positions; student/layouts.py declares each layout (where the
+    lines above and the choices come from)."""
+
+    def __post_init__(self):
+        layout_named(self.layout)  # ValueError naming the layouts there are
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     terms = question_reliance(rec, head, main_segments, items)
     terms["question_reliance"]        # main-path CE with student questions shuffled in the batch - CE with the true ones
     terms["question_reliance_first"]  # the same for the first answer slot alone
+    terms["question_reliance_later"]  # the same for every later slot (t > 0), averaged over them
 
 Each sample's student segment (the first segment of its main-path input) is swapped for the next
 sample's (a rotation of the batch, so no sample keeps its own), and the teacher-head CE against
@@ -24,10 +25,11 @@ CHUNK_POSITIONS = 1024
 
 @torch.no_grad()
 def question_reliance(rec, head: TeacherHead, main: list[list[tuple[torch.Tensor, str]]], items) -> dict:
-    """{'question_reliance', 'question_reliance_first'} as 0-d tensors; zeros for a batch of one sample."""
+    """{'question_reliance', 'question_reliance_first', 'question_reliance_later'} as 0-d tensors; zeros for a
+    batch of one sample (and the last for answers of one token)."""
     if len(main) < 2:
         zero = torch.zeros(())
-        return {"question_reliance": zero, "question_reliance_first": zero}
+        return {"question_reliance": zero, "question_reliance_first": zero, "question_reliance_later": zero}
     out_lengths = [len(item.teacher_features) for item in items]
     targets = torch.cat([item.teacher_targets for item in items])
     shuffled = [[main[(b + 1) % len(main)][0], *segments[1:]] for b, segments in enumerate(main)]
@@ -35,9 +37,13 @@ def question_reliance(rec, head: TeacherHead, main: list[list[tuple[torch.Tensor
         true_ce = _position_ce(head, rec(main, out_lengths), targets)
         shuffled_ce = _position_ce(head, rec(shuffled, out_lengths), targets)
     firsts = torch.tensor([0] + out_lengths[:-1]).cumsum(0)
+    later = torch.ones(len(true_ce), dtype=torch.bool)
+    later[firsts] = False  # slots t > 0: with the default layouts the teacher's own state at t - 1 feeds them
+    gap = shuffled_ce - true_ce
     return {
-        "question_reliance": (shuffled_ce.mean() - true_ce.mean()).cpu(),
-        "question_reliance_first": (shuffled_ce[firsts].mean() - true_ce[firsts].mean()).cpu(),
+        "question_reliance": gap.mean().cpu(),
+        "question_reliance_first": gap[firsts].mean().cpu(),
+        "question_reliance_later": (gap[later].mean() if later.any() else torch.zeros(())).cpu(),
     }
 
 

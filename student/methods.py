@@ -126,24 +126,50 @@ def genrecal_loss(p: StepParts, batch, measure_reliance: bool = False) -> dict:
     return genrecal_losses(p.student, p.beside, p.head, batch, p.stage, p.loss, measure_reliance, p.sharded)
 
 
-def recalibrator_source(cfg: TrainConfig, reader, out: Path, resumed: bool, model: str) -> Path | None:
-    """The stage folder whose Recalibrator this stage continues: its own on --resume, stage 1's in a stage 2 (but
-    with --from-student); None: a new one."""
+@dataclass(frozen=True)
+class RecalibratorSource:
+    """What `build_recalibrator` loads: the stage folder whose Recalibrator this stage continues (None: a new one)
+    and, for a layout fed the teacher's token embeddings, the cache that holds them (checked already)."""
+
+    folder: Path | None
+    token_cache: Path | None = None
+
+
+def recalibrator_source(cfg: TrainConfig, reader, out: Path, resumed: bool, model: str) -> RecalibratorSource:
+    """Its own folder on --resume, stage 1's in a stage 2 (but with --from-student), else none; a layout that needs
+    the teacher's token embeddings checks the cache has them now, before the student loads."""
     from student.checkpoint import stage_dir
+    from student.layouts import layout_named
 
     if resumed:
-        return out
-    return stage_dir(cfg, 1) if cfg.stage == 2 and not cfg.from_student else None
+        folder = out
+    else:
+        folder = stage_dir(cfg, 1) if cfg.stage == 2 and not cfg.from_student else None
+    token_cache = None
+    if layout_named(cfg.loss.layout).token_embeddings:
+        from pipeline.store.teacher_embeddings import check_teacher_embeddings
+
+        check_teacher_embeddings(reader.root, reader.manifest)
+        token_cache = Path(reader.root)
+    return RecalibratorSource(folder, token_cache)
 
 
-def build_recalibrator(cfg: TrainConfig, source: Path | None, vlm, manifest, device) -> Beside:
+def build_recalibrator(cfg: TrainConfig, source: RecalibratorSource | None, vlm, manifest, device) -> Beside:
     from student.checkpoint import RECALIBRATOR_DIR, load_recalibrator, save_recalibrator
+    from student.layouts import layout_named
     from student.recalibrator import Recalibrator
 
+    source = source or RecalibratorSource(None)
     rec = Recalibrator.from_student(vlm.model, manifest.teacher.hidden_size, depth=cfg.rec_depth, init=cfg.rec_init,
                                     seed=cfg.seed)
-    if source is not None:
-        load_recalibrator(rec, Path(source) / RECALIBRATOR_DIR)
+    if layout_named(cfg.loss.layout).token_embeddings:
+        from pipeline.store.teacher_embeddings import load_teacher_embeddings
+
+        if source.token_cache is None:
+            raise ValueError(f"--layout {cfg.loss.layout} needs the cache's token embeddings (recalibrator_source)")
+        rec.attach_token_embeddings(load_teacher_embeddings(source.token_cache, manifest), seed=cfg.seed)
+    if source.folder is not None:
+        load_recalibrator(rec, Path(source.folder) / RECALIBRATOR_DIR)
     rec = rec.to(device)
     return Beside(rec, list(rec.parameters()), {"rec": rec}, {RECALIBRATOR_DIR: partial(save_recalibrator, rec)},
                   rec.block_kind, blocks=len(rec.layers))

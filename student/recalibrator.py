@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.vlm.parts import vlm_parts
 
-STUDENT, TEACHER = "student", "teacher"
+from student.layouts import STUDENT, TEACHER, TOKENS  # the spaces of the segments a layout feeds in
 logger = logging.getLogger(__name__)
 
 
@@ -91,6 +91,24 @@ class Recalibrator(nn.Module):
             raise ValueError(f"unknown Recalibrator init {init!r}; choose copy or random")
         return rec.float()
 
+    def attach_token_embeddings(self, table: torch.Tensor, seed: int = 0) -> None:
+        """For the teacher-tokens layout (student/layouts.py): the teacher's token embeddings [rows, d_teacher]
+        (frozen, a buffer outside the state dict: the cache holds them) and `proj_tokens`, their own projection
+        into the student's width (a trained weight: embeddings and final hidden states differ in scale)."""
+        d_teacher, d_student = self.proj_pre.in_features, self.proj_pre.out_features
+        if table.dim() != 2 or table.shape[1] != d_teacher:
+            raise ValueError(f"token embeddings of shape {tuple(table.shape)} do not fit a {d_teacher}-wide teacher")
+        self.proj_tokens = nn.Linear(d_teacher, d_student, bias=False, device=self.proj_pre.weight.device)
+        nn.init.normal_(self.proj_tokens.weight, std=self.proj_pre.weight.std().item() or 0.02,
+                        generator=torch.Generator().manual_seed(seed + 1))
+        self.register_buffer("token_table", table.detach(), persistent=False)
+
+    def token_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's embeddings of `ids` [n] -> [n, d_teacher] (attach_token_embeddings first)."""
+        if getattr(self, "token_table", None) is None:
+            raise ValueError("this Recalibrator has no token embeddings: the teacher-tokens layout attaches them")
+        return self.token_table[ids.to(self.token_table.device)]
+
     def forward(self, samples: list[list[tuple[torch.Tensor, str]]], out_lengths: list[int] | None = None) -> list[torch.Tensor]:
         """For each sample, the output [k, d_teacher] at its last k positions: k = `out_lengths[i]`, by
         default the length of its last segment."""
@@ -103,7 +121,7 @@ class Recalibrator(nn.Module):
         """(hidden [B, L, d_student] after the blocks, sequence lengths)."""
         sequences = []
         for segments in samples:
-            parts = [self.proj_pre(x.float()) if space == TEACHER else x.float() for x, space in segments]
+            parts = [self._project(x, space) for x, space in segments]
             sequences.append(torch.cat(parts))
         lengths = [len(s) for s in sequences]
         hidden = nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # right padding: causal attention never sees it
@@ -126,6 +144,15 @@ class Recalibrator(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden, lengths
 
+
+    def _project(self, x: torch.Tensor, space: str) -> torch.Tensor:
+        """A segment in the student's width: teacher features through proj_pre, teacher token embeddings through
+        proj_tokens, student features as they are."""
+        if space == TEACHER:
+            return self.proj_pre(x.float())
+        if space == TOKENS:
+            return self.proj_tokens(x.float())
+        return x.float()
 
     def _mask(self, kind: str, length: int, dtype: torch.dtype, device) -> torch.Tensor:
         """Additive mask [1, 1, L, L]: causal; sliding layers also drop keys a window or more behind,

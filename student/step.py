@@ -1,19 +1,11 @@
 """One GenRecal loss evaluation on a batch (docs/method.md, Alg. 1-3).
 
-The cache holds, per sample, the teacher's features z_al at [last prompt position, a_0 .. a_{n-2}]
-(n rows) and the targets gt_l = [a_0 .. a_{n-1}]. The Recalibrator's outputs at n positions go through
-the frozen teacher head: CE(head(r), gt_l) + KL(head(z_al) || head(r)). Which n positions is the layout:
-
-- "student-last-prompt" (default): the student's whole prompt z_qs (its last position included),
-  then the teacher's answer features z_al[1:]. The outputs at [the student's last prompt position,
-  the teacher's answer positions] are scored, so the first answer token is predicted from the
-  student's side alone, and the Recalibrator cannot read it off the teacher's last prompt feature.
-- "teacher-last-prompt": the student's prompt but its last position, then all of z_al; the outputs at
-  z_al's positions are scored. The first slot is then the teacher's own last prompt state, whose head
-  output is the first answer token (measured: the Recalibrator then ignores the student).
-
-Regularizer (Alg. 2), both layouts: the teacher's own prompt features z_ql, then z_al[1:] (the same
-sequence as z_ql[:-1] + z_al, since z_ql's last row is z_al's first), for the samples that have z_ql.
+The cache holds, per sample, the teacher's features z_al at [last prompt position, a_0 .. a_{n-2}] (n rows)
+and the targets gt_l = [a_0 .. a_{n-1}]. The Recalibrator's outputs at n positions go through the frozen
+teacher head: CE(head(r), gt_l) + KL(head(z_al) || head(r)). What stands at those n positions is the layout
+(student/layouts.py declares each: student-last-prompt, the default; teacher-last-prompt; teacher-tokens).
+The regularizer (Alg. 2) feeds the teacher's own prompt features z_ql, then the layout's answer part, for the
+samples that have z_ql.
 Stage 2 (Alg. 3) adds the student's own CE on its answer tokens.
 """
 
@@ -30,7 +22,8 @@ from pipeline.vlm.parts import model_inputs
 from student.batches import StudentBatch
 from student.diagnostics import question_reliance
 from student.losses import TopKTarget, head_losses, logit_losses, uld_distance
-from student.recalibrator import STUDENT, TEACHER, Recalibrator
+from student.layouts import layout_named, regularizer_segments
+from student.recalibrator import Recalibrator
 
 if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, which runs this module's losses
     from student.config import LossConfig
@@ -44,9 +37,10 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     with torch.set_grad_enabled(stage == 2 and torch.is_grad_enabled()):
         hidden, logits = student_forward(student, batch, stage == 2, sharded)  # stage 1: the student is frozen
     items = batch.items
-    main = main_segments(hidden, items, cfg.layout)
+    layout = layout_named(cfg.layout)
+    main = layout.segments(hidden, items, rec)
     reg_items = [item for item in items if cfg.regularizer and item.teacher_question is not None]
-    reg = [[(item.teacher_question, TEACHER), (item.teacher_features[1:], TEACHER)] for item in reg_items]
+    reg = regularizer_segments(reg_items, layout, rec)
     outputs = rec(main + reg, [len(item.teacher_features) for item in items + reg_items])
     terms = {}
     terms["ce"], terms["kl"] = _head_terms(head, outputs[: len(items)], items, cfg)
@@ -63,17 +57,6 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     if measure_reliance:
         terms.update(question_reliance(rec, head, [[(x.detach(), s) for x, s in seg] for seg in main], items))
     return terms
-
-
-def main_segments(hidden: torch.Tensor, items, layout: str) -> list[list[tuple[torch.Tensor, str]]]:
-    """The main path's Recalibrator input per sample (see the module docstring for the layouts)."""
-    if layout == "student-last-prompt":
-        return [[(hidden[b, : item.student.prompt_len], STUDENT), (item.teacher_features[1:], TEACHER)]
-                for b, item in enumerate(items)]
-    if layout == "teacher-last-prompt":
-        return [[(hidden[b, : item.student.prompt_len - 1], STUDENT), (item.teacher_features, TEACHER)]
-                for b, item in enumerate(items)]
-    raise ValueError(f"unknown Recalibrator layout {layout!r}; choose student-last-prompt or teacher-last-prompt")
 
 
 def uld_losses(student, batch: StudentBatch, cfg: LossConfig, sharded: bool = False) -> dict:

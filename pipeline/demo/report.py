@@ -101,6 +101,9 @@ def _reliance_panel(ax, curves: dict[str, list[dict]]) -> None:
         line, = ax.plot(steps, [r["question_reliance"] for r in records], label=f"{name}: all slots", linewidth=1.2)
         ax.plot(steps, [r["question_reliance_first"] for r in records], "--", color=line.get_color(),
                 label=f"{name}: first slot", linewidth=1.0)
+        if all("question_reliance_later" in r for r in records):  # runs from before the per-slot split have none
+            ax.plot(steps, [r["question_reliance_later"] for r in records], ":", color=line.get_color(),
+                    label=f"{name}: later slots", linewidth=1.0)
     ax.axhline(0.0, color="#999999", linewidth=0.8)
     ax.set_title("question reliance (0: the student is ignored)", fontsize=10)
     ax.set_xlabel("step")

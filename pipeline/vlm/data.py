@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from pipeline.vlm.images import ImageError, ImageSpec, bytes_image, path_image, pil_image
-from pipeline.vlm.scenes import is_scenes, scene_samples
+from pipeline.vlm.scenes import SPLITS as SCENE_SPLITS, is_scenes, scene_png, scene_record, scene_split
 
 __all__ = ["BadSample", "DataError", "DataSample", "ImageError", "ImageSpec", "image_root_for",
            "read_samples", "samples_from_records"]
@@ -89,7 +89,7 @@ def read_samples(source: str, image_root: str | None = None,
     if _is_easy_vqa(source):
         return _easy_vqa(source, image_root, split)
     if is_scenes(source):
-        return scene_samples(source, split)
+        return _scenes(source, split)
     path = Path(source)
     if not path.exists():
         raise DataError(f"data source {source} does not exist: pass a .json/.jsonl/.parquet file, "
@@ -393,4 +393,21 @@ def _easy_vqa(source: str, image_root: str | None, split: str | None) -> Iterato
             yield DataSample(f"easy-vqa:{split}:{i}", f"easy-vqa:{split}#{i}",
                              [{"role": "user", "content": content}], [path_image(file_name, root)],
                              answer, {"question_type": _question_type(answer)})
+    return samples()
+
+
+def _scenes(source: str, split: str | None) -> Iterator[DataSample]:
+    """Generated scenes (pipeline/vlm/scenes.py): one user turn (image, question), the reference answer, and the
+    scene and the question's truth in meta; the image is a sha256 reference to its PNG."""
+    name = scene_split(source, split)
+    if name is None:
+        raise DataError(f"unknown built-in source {source!r}; use scenes:train or scenes:test")
+
+    def samples() -> Iterator[DataSample]:
+        for i in range(SCENE_SPLITS[name]):
+            record = scene_record(name, i)
+            content = [{"type": "image"}, {"type": "text", "text": record["question"]}]
+            meta = {"question_type": record["question_type"], "scene": record["objects"], "truth": record["truth"]}
+            yield DataSample(f"scenes:{name}:{i}", f"scenes:{name}#{i}", [{"role": "user", "content": content}],
+                             [bytes_image(scene_png(record["objects"]), f"scenes:{name}:{i}")], record["answer"], meta)
     return samples()

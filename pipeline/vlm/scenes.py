@@ -1,6 +1,6 @@
 """`scenes:train` / `scenes:test`: a built-in VQA source whose answers are several tokens long and have structure.
 
-    from pipeline.vlm.data import read_samples
+    from pipeline.vlm.data import read_samples        # (data.py turns scene_record into DataSamples)
     for sample in read_samples("scenes:train"):        # DataSample: one user turn (image, question) + answer
         sample.meta["question_type"], sample.meta["scene"]   # "describe", [{"shape": "circle", ...}, ...]
     score_answer("large blue square at center, small red circle at top left", sample.meta)   # 0..1
@@ -136,26 +136,16 @@ def scene_record(split: str, index: int) -> dict:
     return {"objects": objects, "question_type": kind, "question": question, "answer": answer, "truth": truth}
 
 
-def scene_samples(source: str, split: str | None = None) -> Iterator:
-    """DataSamples of "scenes:<split>" (the image drawn when loaded; its reference is its PNG's sha256)."""
-    from pipeline.vlm.data import DataError, DataSample
-    from pipeline.vlm.images import bytes_image
-
+def scene_split(source: str, split: str | None = None) -> str | None:
+    """The split of "scenes:<split>" (None when it is not one of SPLITS)."""
     name = source.partition(":")[2] or split or "train"
-    if name not in SPLITS:
-        raise DataError(f"unknown built-in source {source!r}; use scenes:train or scenes:test")
+    return name if name in SPLITS else None
 
-    def samples():
-        for i in range(SPLITS[name]):
-            record = scene_record(name, i)
-            buffer = io.BytesIO()
-            draw_scene(record["objects"]).save(buffer, format="PNG")
-            content = [{"type": "image"}, {"type": "text", "text": record["question"]}]
-            meta = {"question_type": record["question_type"], "scene": record["objects"], "truth": record["truth"]}
-            yield DataSample(f"scenes:{name}:{i}", f"scenes:{name}#{i}", [{"role": "user", "content": content}],
-                             [bytes_image(buffer.getvalue(), f"scenes:{name}:{i}")], record["answer"], meta)
 
-    return samples()
+def scene_png(objects: list[dict]) -> bytes:
+    buffer = io.BytesIO()
+    draw_scene(objects).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------
