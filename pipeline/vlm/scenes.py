@@ -136,6 +136,15 @@ def scene_record(split: str, index: int) -> dict:
     return {"objects": objects, "question_type": kind, "question": question, "answer": answer, "truth": truth}
 
 
+def cell_contents(objects: list[dict]) -> tuple[list[str], list[str]]:
+    """(what each of the GRID x GRID cells holds, "empty" or "<size> <colour> <shape>"; every possible content)."""
+    contents = ["empty"] * (GRID * GRID)
+    for obj in objects:
+        contents[obj["row"] * GRID + obj["col"]] = f"{obj['size']} {obj['color']} {obj['shape']}"
+    classes = ["empty"] + [f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES]
+    return contents, classes
+
+
 def scene_split(source: str, split: str | None = None) -> str | None:
     """The split of "scenes:<split>" (None when it is not one of SPLITS)."""
     name = source.partition(":")[2] or split or "train"

@@ -13,7 +13,9 @@ this is the small version of that step, for models built from config.
 How: the image tokens as the language model receives them (`model.get_image_features`, so any family that
 transformers ships with that accessor) are mean-pooled, and one linear head per question type predicts the
 answer of that type's questions about the image. Types are the samples' `meta["question_type"]`; yes/no
-questions are left out (their answer depends on the question, not on the image alone). The heads are thrown
+questions are left out (their answer depends on the question, not on the image alone). Scenes records
+(`scenes:train`) are labelled from their ground truth instead: what each of the nine cells holds ("empty" or
+"<size> <colour> <shape>"), one head per cell that attention-pools the tokens (see `ProbeHead`). The heads are thrown
 away; the result is the whole model as a stock HF folder in `out` (`student train --student OUT` reads it).
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageLabels", "image_labels", "pretrain_vision", "probe_accuracy"]
+__all__ = ["ImageLabels", "ProbeHead", "image_labels", "pretrain_vision", "probe_accuracy"]
 
 OPEN_TYPES_EXCLUDED = ("yes/no",)
 
@@ -57,6 +59,9 @@ def image_labels(data: str, skip: int = 0, limit: int | None = None, image_root:
             break
         if i < skip or isinstance(s, BadSample) or len(s.images) != 1:
             continue
+        if "scene" in s.meta:  # scenes: what each cell holds, from the ground truth (every record labels all cells)
+            _add_scene(labels, by_ref, s)
+            continue
         kind = s.meta.get("question_type")
         if kind is None or kind in OPEN_TYPES_EXCLUDED:
             continue
@@ -78,34 +83,80 @@ def image_labels(data: str, skip: int = 0, limit: int | None = None, image_root:
     return labels
 
 
-def pooled_image_tokens(model, processor, images) -> torch.Tensor:
-    """[images, hidden]: the mean of each image's tokens as the language model receives them."""
+def _add_scene(labels: ImageLabels, by_ref: dict, sample) -> None:
+    """Label `sample`'s image with every cell's content ("empty" or "<size> <colour> <shape>"), kinds cell0..8."""
+    from pipeline.vlm.scenes import cell_contents
+
+    ref = sample.images[0].ref
+    if ref in by_ref:
+        return
+    by_ref[ref] = len(labels.images)
+    labels.images.append(sample.images[0])
+    contents, classes = cell_contents(sample.meta["scene"])
+    for cell in range(len(contents)):
+        labels.classes.setdefault(f"cell{cell}", list(classes))
+    labels.targets.append({f"cell{cell}": classes.index(content) for cell, content in enumerate(contents)})
+
+
+def image_tokens(model, processor, images) -> list[torch.Tensor]:
+    """Per image, its tokens [n, hidden] as the language model receives them."""
     inputs = processor.image_processor(images=images, return_tensors="pt")
     out = model.get_image_features(**inputs)
     tokens = out.pooler_output if hasattr(out, "pooler_output") else out
-    return torch.stack([t.reshape(-1, t.shape[-1]).mean(0) for t in tokens])
+    return [t.reshape(-1, t.shape[-1]) for t in tokens]
 
 
-def _loss(heads, pooled: torch.Tensor, targets: list[dict[str, int]]) -> torch.Tensor:
-    total = pooled.sum() * 0
+def pooled_image_tokens(model, processor, images) -> torch.Tensor:
+    """[images, hidden]: the mean of each image's tokens as the language model receives them."""
+    return torch.stack([t.mean(0) for t in image_tokens(model, processor, images)])
+
+
+class ProbeHead(torch.nn.Module):
+    """A linear classifier over an image's tokens: mean-pooled, or for a label tied to a place in the image (a
+    scenes cell) attention-pooled with a learned query (zero at first: the mean), so that the encoder must
+    carry which cell holds what, not only what is somewhere."""
+
+    def __init__(self, width: int, classes: int, attend: bool):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.zeros(width)) if attend else None
+        self.linear = torch.nn.Linear(width, classes)
+
+    def forward(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        if self.query is None:
+            return self.linear(torch.stack([t.mean(0) for t in tokens]))
+        pooled = [torch.softmax(t @ self.query / t.shape[-1] ** 0.5, 0) @ t for t in tokens]
+        return self.linear(torch.stack(pooled))
+
+
+def probe_heads(labels: ImageLabels, width: int) -> torch.nn.ModuleDict:
+    return torch.nn.ModuleDict({k: ProbeHead(width, len(v), attend=k.startswith("cell"))
+                                for k, v in labels.classes.items()})
+
+
+def _loss(heads, tokens: list[torch.Tensor], targets: list[dict[str, int]]) -> torch.Tensor:
+    total = sum(t.sum() for t in tokens) * 0
     for kind, head in heads.items():
         keep = [i for i, t in enumerate(targets) if kind in t]
         if keep:
-            total = total + F.cross_entropy(head(pooled[keep]), torch.tensor([targets[i][kind] for i in keep]))
+            logits = head([tokens[i] for i in keep])
+            total = total + F.cross_entropy(logits, torch.tensor([targets[i][kind] for i in keep]))
     return total
 
 
 @torch.no_grad()
 def probe_accuracy(model, processor, heads, labels: ImageLabels, batch_size: int = 64) -> dict[str, float]:
     """Per question type, the accuracy of the probe heads on `labels` (a diagnostic: the heads are discarded)."""
-    pooled = torch.cat([pooled_image_tokens(model, processor, [s.load() for s in labels.images[i:i + batch_size]])
-                        for i in range(0, len(labels.images), batch_size)])
+    tokens = [t for i in range(0, len(labels.images), batch_size)
+              for t in image_tokens(model, processor, [s.load() for s in labels.images[i:i + batch_size]])]
     result = {}
     for kind, head in heads.items():
         keep = [i for i, t in enumerate(labels.targets) if kind in t]
         if keep:
-            guess = head(pooled[keep]).argmax(1)
+            guess = head([tokens[i] for i in keep]).argmax(1)
             result[kind] = float((guess == torch.tensor([labels.targets[i][kind] for i in keep])).float().mean())
+    cells = [v for k, v in result.items() if k.startswith("cell")]
+    if cells:  # scenes: one figure for the nine cells (each holds "empty" or one object)
+        result["cells"] = sum(cells) / len(cells)
     return result
 
 
@@ -125,7 +176,7 @@ def pretrain_vision(model: str | Path, out: str | Path, data: str, limit: int | 
     images = [s.load() for s in labels.images]
     torch.manual_seed(seed)
     width = pooled_image_tokens(vlm.model, vlm.processor, images[:1]).shape[-1]
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, len(v)) for k, v in labels.classes.items()})
+    heads = probe_heads(labels, width)
     # every parameter is handed over; only the vision path gets gradients, and AdamW skips the rest
     optimizer = torch.optim.AdamW(list(vlm.model.parameters()) + list(heads.parameters()), lr=lr)
     rng = random.Random(seed)
@@ -133,8 +184,8 @@ def pretrain_vision(model: str | Path, out: str | Path, data: str, limit: int | 
     started = time.perf_counter()
     for step in range(1, steps + 1):
         batch = [rng.randrange(len(images)) for _ in range(batch_size)]
-        pooled = pooled_image_tokens(vlm.model, vlm.processor, [images[i] for i in batch])
-        loss = _loss(heads, pooled, [labels.targets[i] for i in batch])
+        tokens = image_tokens(vlm.model, vlm.processor, [images[i] for i in batch])
+        loss = _loss(heads, tokens, [labels.targets[i] for i in batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
