@@ -1,0 +1,292 @@
+"""Distillation quality on the scenes task (pipeline/vlm/scenes.py), positive control first.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality_scenes.py --work /work/scratch/scenes             # the control
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality_scenes.py --work W --setting pool=200,temperature=1.0
+    .venv/bin/python bench/quality_scenes.py --work /tmp/scenes-smoke --smoke                           # minutes
+
+A distillation benchmark must first show that a method known to work beats SFT on it (issue: the easy-VQA table
+said more about the task than the methods). This script builds, once per WORK folder (every finished piece is
+reused on rerun, so an interrupted run goes on where it stopped):
+1. the teacher: a tiny Qwen2-VL (tiny BPE tokenizer, hidden 128, 4 layers), its vision tower pretrained on the
+   scenes' cell labels (`pipeline pretrain-vision`), then plain SFT on scenes:train records 0..TEACHER_DATA-1;
+   scored on held-out train records (HELD_OUT, never trained on) -> WORK/teacher;
+2. the base student: the same family and tokenizer (the same-tokenizer pair), narrower (hidden 64, 2 layers),
+   its vision tower pretrained until the cell probe reads the scene (then frozen, as the method keeps it), then
+   SFT on a small labelled slice (BASE_SLICE, disjoint from the pool) -> WORK/base;
+3. the pool: the teacher's own answers to POOL prompts (disjoint from the base slice and held-out records), at
+   sampling temperature `temperature` (a describe answer's object order is then the teacher's random choice, as
+   a human annotator's would be), dumped with top-k log-probs -> WORK/pool-<setting>/cache;
+4. the variants, each from the base student with the same number of student updates:
+   - sft: SFT on the teacher's answers (`--stage 3 --from-student`);
+   - kd-only: KL(teacher top-k + tail || student) alone (`--method kd --student-ce-weight 0`): the loss scale of
+     SFT (one term, weight 1), so the comparison is not CE+KL (2 terms) against CE;
+   - kd: CE + KL, as users run it (its loss is about twice SFT's: the gradient clip then differs; see the issue);
+   scored on the held-out records (score: the mean over question types of the per-type mean of
+   `pipeline.vlm.scenes.score_answer`).
+Results: WORK/results.jsonl (one line per run) and bench/results/quality_scenes.{md,json} (`--report`).
+Threads: one per process (`torch.set_num_threads(1)`), seeds fixed everywhere; what is not deterministic is
+recorded in the results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the settings search (the part of the run that the positive control may need changed)."""
+
+    pool: int = 300
+    """Pool prompts the students distil from (the low-data regime)."""
+    temperature: float = 1.0
+    """Sampling temperature of the teacher's pool answers (0: greedy)."""
+    updates: int = 300
+    """Student updates of every variant."""
+    batch_size: int = 16
+    lr: float = 5e-4
+    top_k: int = 32
+
+    def name(self) -> str:
+        return f"pool{self.pool}-t{self.temperature:g}-u{self.updates}"
+
+
+@dataclass(frozen=True)
+class Build:
+    """The teacher and base student (shared by every setting)."""
+
+    teacher_data: int = 12000
+    teacher_vision_steps: int = 800
+    teacher_sft_steps: int = 2500
+    base_slice: tuple[int, int] = (12000, 12200)
+    student_vision_steps: int = 800
+    base_sft_steps: int = 150
+    pool_start: int = 13000
+    held_out: tuple[int, int] = (19000, 19400)
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+SMOKE = Build(teacher_data=200, teacher_vision_steps=4, teacher_sft_steps=6, base_slice=(12000, 12032),
+              student_vision_steps=4, base_sft_steps=3, held_out=(19000, 19016), seeds=(0, 1))
+TEACHER = dict(family="qwen2-vl-tiny", tokenizer="tiny-bpe", hidden_size=128, num_hidden_layers=4,
+               intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, image_size=56)
+STUDENT = dict(TEACHER, hidden_size=64, num_hidden_layers=2, intermediate_size=256)
+VARIANTS = {"sft": {}, "kd-only": {"method": "kd", "student_ce_weight": 0.0, "kd_weight": 1.0},
+            "kd": {"method": "kd", "student_ce_weight": 1.0, "kd_weight": 1.0}}
+
+
+def _build(config: dict, out: Path) -> Path:
+    from pipeline.vlm.tiny import build_tiny_vlm
+
+    config = dict(config)
+    return build_tiny_vlm(config.pop("family"), out, tokenizer=config.pop("tokenizer"), seed=0, **config)
+
+
+def _done(folder: Path) -> bool:
+    from student.checkpoint import FINISHED_FILE
+
+    return (folder / FINISHED_FILE).exists()
+
+
+def write_range(start: int, stop: int, out: Path, answers: dict[str, str] | None = None) -> tuple[str, str]:
+    """scenes:train records start..stop-1 as a TRL jsonl file (images as PNG files beside it); returns (data, root)."""
+    from pipeline.vlm.data import read_samples
+    from pipeline.vlm.scenes import scene_png
+
+    if out.exists():
+        return str(out), str(out.parent / "images")
+    (out.parent / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, s in enumerate(read_samples("scenes:train")):
+        if i >= stop:
+            break
+        if i < start:
+            continue
+        name = f"{i:06d}.png"
+        (out.parent / "images" / name).write_bytes(scene_png(s.meta["scene"]))
+        answer = s.answer if answers is None else answers[s.sample_id]
+        lines.append(json.dumps({"id": s.sample_id, "messages": s.messages + [
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}], "images": [name]}))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return str(out), str(out.parent / "images")
+
+
+def held_out_score(model: Path, b: Build, out: Path) -> dict:
+    from pipeline.vlm.evaluate import evaluate
+
+    if out.exists():
+        return json.loads(out.read_text())
+    return evaluate(str(model), "scenes:train", skip=b.held_out[0], limit=b.held_out[1] - b.held_out[0],
+                    batch_size=32, max_new_tokens=48, out=str(out), progress=False)
+
+
+def sft_model(init: Path, out: Path, data: tuple[str, str], steps: int, lr: float, vision: bool) -> Path:
+    from student.config import TrainConfig
+    from student.train import train_stage
+
+    if not _done(out / "stage3"):
+        train_stage(TrainConfig(cache=None, data=data[0], image_root=data[1], student=str(init), out=str(out), stage=3,
+                                steps=steps, batch_size=32, lr=1e-3, lr_end=1e-4, num_workers=0,
+                                train_vision_encoder=vision, seed=0), resume=(out / "stage3" / "trainer_state").exists(),
+                    progress=False)
+    return out / "stage3"
+
+
+def vision_pretrained(init: Path, out: Path, b: Build, steps: int, log) -> Path:
+    from pipeline.vlm.vision_pretrain import pretrain_vision
+
+    if not (out / "config.json").exists():
+        pretrain_vision(init, out, "scenes:train", skip=0, limit=b.teacher_data, steps=steps, lr=2e-3, seed=0,
+                        held_out=(b.held_out[0], b.held_out[1] - b.held_out[0]), log=log)
+    return out
+
+
+def teacher(work: Path, b: Build) -> Path:
+    folder = work / "teacher"
+    log = _logger(folder / "log.txt")
+    init = folder / "init" if (folder / "init" / "config.json").exists() else _build(TEACHER, folder / "init")
+    vpre = vision_pretrained(init, folder / "vision", b, b.teacher_vision_steps, log)
+    data = write_range(0, b.teacher_data, work / "data" / "teacher.jsonl")
+    final = sft_model(vpre, folder, data, b.teacher_sft_steps, 1e-3, vision=True)
+    log(f"teacher held-out: {json.dumps(_scores(held_out_score(final, b, folder / 'held_out.json')))}")
+    return final
+
+
+def base_student(work: Path, b: Build) -> Path:
+    folder = work / "base"
+    log = _logger(folder / "log.txt")
+    init = folder / "init" if (folder / "init" / "config.json").exists() else _build(STUDENT, folder / "init")
+    vpre = vision_pretrained(init, folder / "vision", b, b.student_vision_steps, log)
+    data = write_range(*b.base_slice, work / "data" / "base.jsonl")
+    final = sft_model(vpre, folder, data, b.base_sft_steps, 1e-3, vision=False)  # the encoder stays frozen
+    log(f"base held-out: {json.dumps(_scores(held_out_score(final, b, folder / 'held_out.json')))}")
+    return final
+
+
+def pool_cache(work: Path, b: Build, s: Setting, teacher_folder: Path) -> Path:
+    from pipeline.dump import dump_teacher
+    from pipeline.dump_config import DumpConfig
+    from pipeline.vlm.generation import GenerationSettings
+
+    folder = work / f"pool{s.pool}-t{s.temperature:g}"
+    cache = folder / "cache"
+    if (folder / "done.json").exists():
+        return cache
+    data = write_range(b.pool_start, b.pool_start + s.pool, folder / "prompts.jsonl")
+    stats = dump_teacher(DumpConfig(model=str(teacher_folder), data=data[0], image_root=data[1], out=str(cache),
+                                    responses="generate", top_k=s.top_k, question_features_fraction=0.25,
+                                    generation=GenerationSettings(max_new_tokens=48, temperature=s.temperature, seed=0)),
+                         progress=False)
+    (folder / "done.json").write_text(json.dumps({"written": stats.written, "rejected": stats.rejected,
+                                                  "reasons": stats.reject_reasons}))
+    return cache
+
+
+def run_variant(work: Path, b: Build, s: Setting, cache: Path, base: Path, variant: str, seed: int) -> dict:
+    import torch
+
+    from student.config import LossConfig, TrainConfig
+    from student.train import train_stage
+
+    torch.set_num_threads(1)
+    run = work / "runs" / s.name() / variant / f"seed{seed}"
+    row_file = run / "row.json"
+    if row_file.exists():
+        return json.loads(row_file.read_text())
+    extra = dict(VARIANTS[variant])
+    method = extra.pop("method", None)
+    stage = 3 if method is None else 2
+    cfg = TrainConfig(cache=str(cache), student=str(base), out=str(run), stage=stage, steps=s.updates, seed=seed,
+                      batch_size=s.batch_size, lr=s.lr, lr_end=s.lr / 10, num_workers=0, from_student=True,
+                      **({"method": method, "loss": LossConfig(**extra)} if method else {}))
+    started = time.perf_counter()
+    while not _done(run / f"stage{stage}"):
+        train_stage(cfg, resume=(run / f"stage{stage}" / "trainer_state").exists(), progress=False)
+    seconds = time.perf_counter() - started
+    result = held_out_score(run / f"stage{stage}", b, run / "held_out.json")
+    row = {"setting": asdict(s), "variant": variant, "seed": seed, "score": result["score"],
+           "per_type": {k: v["score"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1)}
+    row_file.write_text(json.dumps(row))
+    with open(work / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{s.name()} {variant:8s} seed {seed}: held-out score {row['score']:.3f} {row['per_type']} "
+          f"({seconds:.0f} s)", flush=True)
+    return row
+
+
+def _scores(result: dict) -> dict:
+    return {"score": round(result["score"], 4), **{k: round(v["score"], 4) for k, v in result["per_type"].items()}}
+
+
+def _logger(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return log
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per (setting, variant): mean +- std of the held-out score over seeds, and per seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((json.dumps(row["setting"], sort_keys=True), row["variant"]), []).append(row)
+    lines = []
+    for (setting, variant), group in sorted(groups.items()):
+        scores = [r["score"] for r in sorted(group, key=lambda r: r["seed"])]
+        spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        lines.append(f"{Setting(**json.loads(setting)).name()} {variant:8s} {statistics.mean(scores):.3f} +- "
+                     f"{spread:.3f}  seeds {', '.join(f'{x:.3f}' for x in scores)}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True, type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: minutes, for checking the script")
+    parser.add_argument("--setting", action="append", default=[],
+                        help="k=v,... overrides of Setting (repeatable: one run of the variants per setting)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--summary", action="store_true", help="print the summary of WORK/results.jsonl and stop")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    work = args.work
+    if args.summary:
+        rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+        print("\n".join(summary(rows)))
+        return
+    b = SMOKE if args.smoke else Build()
+    settings = [Setting(pool=16, updates=4, batch_size=4)] if args.smoke else [Setting()]
+    if args.setting:
+        settings = [replace(settings[0], **{k: type(getattr(settings[0], k))(v) for k, v in
+                                            (kv.split("=") for kv in text.split(","))}) for text in args.setting]
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_folder = teacher(work, b)
+    base = base_student(work, b)
+    for s in settings:
+        cache = pool_cache(work, b, s, teacher_folder)
+        for seed in b.seeds:
+            for variant in args.variants:
+                run_variant(work, b, s, cache, base, variant, seed)
+    rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    print("\n".join(summary(rows)))
+
+
+if __name__ == "__main__":
+    main()
