@@ -153,26 +153,28 @@ def vision_pretrained(init: Path, out: Path, b: Build, steps: int, log) -> Path:
     return out
 
 
-def teacher(work: Path, b: Build) -> Path:
-    folder = work / "teacher"
+def trained_model(work: Path, b: Build, name: str, config: dict, vision_steps: int, data: tuple[int, int],
+                  sft_steps: int, train_vision: bool) -> Path:
+    """WORK/<name>: built from `config`, its vision tower pretrained on the cell labels, then SFT on scenes:train
+    records data[0]..data[1]-1 (the vision tower trained too or kept frozen); logs its held-out score."""
+    folder = work / name
     log = _logger(folder / "log.txt")
-    init = folder / "init" if (folder / "init" / "config.json").exists() else _build(TEACHER, folder / "init")
-    vpre = vision_pretrained(init, folder / "vision", b, b.teacher_vision_steps, log)
-    data = write_range(0, b.teacher_data, work / "data" / "teacher.jsonl")
-    final = sft_model(vpre, folder, data, b.teacher_sft_steps, 1e-3, vision=True)
-    log(f"teacher held-out: {json.dumps(_scores(held_out_score(final, b, folder / 'held_out.json')))}")
+    init = folder / "init" if (folder / "init" / "config.json").exists() else _build(config, folder / "init")
+    vpre = vision_pretrained(init, folder / "vision", b, vision_steps, log)
+    final = sft_model(vpre, folder, write_range(*data, work / "data" / f"{name}.jsonl"), sft_steps, 1e-3, train_vision)
+    log(f"{name} held-out: {json.dumps(_scores(held_out_score(final, b, folder / 'held_out.json')))}")
     return final
+
+
+def teacher(work: Path, b: Build) -> Path:
+    return trained_model(work, b, "teacher", TEACHER, b.teacher_vision_steps, (0, b.teacher_data), b.teacher_sft_steps,
+                         train_vision=True)
 
 
 def base_student(work: Path, b: Build) -> Path:
-    folder = work / "base"
-    log = _logger(folder / "log.txt")
-    init = folder / "init" if (folder / "init" / "config.json").exists() else _build(STUDENT, folder / "init")
-    vpre = vision_pretrained(init, folder / "vision", b, b.student_vision_steps, log)
-    data = write_range(*b.base_slice, work / "data" / "base.jsonl")
-    final = sft_model(vpre, folder, data, b.base_sft_steps, 1e-3, vision=False)  # the encoder stays frozen
-    log(f"base held-out: {json.dumps(_scores(held_out_score(final, b, folder / 'held_out.json')))}")
-    return final
+    """The encoder stays frozen in the base SFT, as the method keeps it."""
+    return trained_model(work, b, "base", STUDENT, b.student_vision_steps, b.base_slice, b.base_sft_steps,
+                         train_vision=False)
 
 
 def pool_cache(work: Path, b: Build, s: Setting, teacher_folder: Path) -> Path:
