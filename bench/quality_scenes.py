@@ -21,6 +21,8 @@ reused on rerun, so an interrupted run goes on where it stopped):
    - kd-only: KL(teacher top-k + tail || student) alone (`--method kd --student-ce-weight 0`): the loss scale of
      SFT (one term, weight 1), so the comparison is not CE+KL (2 terms) against CE;
    - kd: CE + KL, as users run it (its loss is about twice SFT's: the gradient clip then differs; see the issue);
+   - genrecal, genrecal-tokens (`--variants`): stage 1 (the Recalibrator alone) then stage 2, default layout and
+     the teacher-tokens layout, with question reliance per slot in their rows;
    scored on the held-out records (score: the mean over question types of the per-type mean of
    `pipeline.vlm.scenes.score_answer`).
 Results: WORK/results.jsonl (one line per run) and bench/results/quality_scenes.{md,json} (`--report`).
@@ -82,7 +84,12 @@ TEACHER = dict(family="qwen2-vl-tiny", tokenizer="tiny-bpe", hidden_size=128, nu
                intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, image_size=56)
 STUDENT = dict(TEACHER, hidden_size=64, num_hidden_layers=2, intermediate_size=256)
 VARIANTS = {"sft": {}, "kd-only": {"method": "kd", "student_ce_weight": 0.0, "kd_weight": 1.0},
-            "kd": {"method": "kd", "student_ce_weight": 1.0, "kd_weight": 1.0}}
+            "kd": {"method": "kd", "student_ce_weight": 1.0, "kd_weight": 1.0},
+            # GenRecal: stage 1 (the Recalibrator alone, a third of the updates; the student does not move), then
+            # stage 2 with every student update; the two layouts the issue compares (question reliance per slot)
+            "genrecal": {"method": "genrecal"},
+            "genrecal-tokens": {"method": "genrecal", "layout": "teacher-tokens"}}
+CONTROL = ("sft", "kd-only", "kd")  # what runs by default: the positive control
 
 
 def _build(config: dict, out: Path) -> Path:
@@ -209,23 +216,38 @@ def run_variant(work: Path, b: Build, s: Setting, cache: Path, base: Path, varia
         return json.loads(row_file.read_text())
     extra = dict(VARIANTS[variant])
     method = extra.pop("method", None)
-    stage = 3 if method is None else 2
-    cfg = TrainConfig(cache=str(cache), student=str(base), out=str(run), stage=stage, steps=s.updates, seed=seed,
-                      batch_size=s.batch_size, lr=s.lr, lr_end=s.lr / 10, num_workers=0, from_student=True,
-                      **({"method": method, "loss": LossConfig(**extra)} if method else {}))
+    stages = [(3, s.updates)] if method is None else [(2, s.updates)]
+    if method == "genrecal":
+        stages = [(1, max(1, s.updates // 3)), (2, s.updates)]
+    common = dict(cache=str(cache), student=str(base), out=str(run), seed=seed, batch_size=s.batch_size, lr=s.lr,
+                  lr_end=s.lr / 10, num_workers=0, attention_every=25,
+                  **({"method": method, "loss": LossConfig(**extra)} if method else {}))
     started = time.perf_counter()
-    while not _done(run / f"stage{stage}"):
-        train_stage(cfg, resume=(run / f"stage{stage}" / "trainer_state").exists(), progress=False)
+    for stage, steps in stages:
+        cfg = TrainConfig(stage=stage, steps=steps, from_student=stage != 2 or method != "genrecal", **common)
+        while not _done(run / f"stage{stage}"):
+            train_stage(cfg, resume=(run / f"stage{stage}" / "trainer_state").exists(), progress=False)
     seconds = time.perf_counter() - started
+    stage = stages[-1][0]
     result = held_out_score(run / f"stage{stage}", b, run / "held_out.json")
     row = {"setting": asdict(s), "variant": variant, "seed": seed, "score": result["score"],
-           "per_type": {k: v["score"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1)}
+           "per_type": {k: v["score"] for k, v in result["per_type"].items()}, "train_seconds": round(seconds, 1),
+           **({"reliance": reliance(run / "stage2")} if method == "genrecal" else {})}
     row_file.write_text(json.dumps(row))
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{s.name()} {variant:8s} seed {seed}: held-out score {row['score']:.3f} {row['per_type']} "
           f"({seconds:.0f} s)", flush=True)
     return row
+
+
+def reliance(stage_folder: Path) -> dict:
+    """Question reliance of a GenRecal stage, all / first / later slots: the mean of its last four measurements."""
+    from pipeline.run_metrics import read_metrics
+
+    records = [r for r in read_metrics(stage_folder) if "question_reliance" in r][-4:]
+    keys = ("question_reliance", "question_reliance_first", "question_reliance_later")
+    return {k: round(statistics.mean(r[k] for r in records), 4) for k in keys} if records else {}
 
 
 def _scores(result: dict) -> dict:
@@ -262,7 +284,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: minutes, for checking the script")
     parser.add_argument("--setting", action="append", default=[],
                         help="k=v,... overrides of Setting (repeatable: one run of the variants per setting)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(CONTROL), choices=list(VARIANTS))
     parser.add_argument("--summary", action="store_true", help="print the summary of WORK/results.jsonl and stop")
     args = parser.parse_args()
     import torch
