@@ -6,6 +6,7 @@
     pipeline pretrain-vision --model init/ --data easy-vqa:train --limit 20000 --out vpre/  # before a teacher's SFT
     pipeline dump-teacher --model qwen2-vl-72b --data llava.json --image-root /data --out cache/
     pipeline dump-teacher ... --layers 20,40,60   # also intermediate layers (or --layers every:8), for VLsI
+    pipeline dump-teacher --config recipes/dump-qwen2-vl-72b.yaml --data llava.json   # a recipe + overrides
     torchrun --nproc_per_node 8 -m pipeline.cli dump-teacher ...   # one worker per GPU
 """
 
@@ -19,6 +20,7 @@ import click
 
 from schemas import CacheFormatError, CacheMismatchError
 from pipeline import __version__
+from pipeline.config_cli import config_file_option
 from pipeline.config_options import config_options
 from pipeline.dump_config import DumpConfig, workers_from_env
 from pipeline.vlm.generation import GenerationSettings
@@ -60,6 +62,9 @@ DUMP_OPTIONS = dict(
 
 
 @main.command("dump-teacher")
+@config_file_option(DumpConfig, "A YAML file of these options, keys as DumpConfig's fields nest (generation: "
+                    "{max_new_tokens: 512}); a flag given here overrides the file. Ready-made dumps for the paper's "
+                    "teachers are in recipes/ of the repository.")
 @config_options(DumpConfig, **DUMP_OPTIONS)
 @config_options(GenerationSettings)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")

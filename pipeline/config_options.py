@@ -41,13 +41,15 @@ def config_options(cls: type, skip: set[str] = frozenset(), overrides: dict[str,
 
 
 def field_option(f: dataclasses.Field, hint, doc: str | None, extra: dict):
-    decls = extra.pop("decls", [f"--{f.name.replace('_', '-')}"])
-    kwargs: dict = {"help": doc}
+    flag = f.name.replace("_", "-")
     inner = _without_none(hint)
+    # a bool goes both ways (--x/--no-x), so the command line can undo what a --config file set
+    decls = extra.pop("decls", [f"--{flag}/--no-{flag}" if inner is bool else f"--{flag}"])
+    kwargs: dict = {"help": doc}
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         kwargs["required"] = True
     elif inner is bool:
-        kwargs.update(is_flag=True, default=f.default)
+        kwargs.update(default=f.default, show_default=True)
     else:
         kwargs.update(default=f.default, show_default=f.default is not None)
     if inner is not bool:

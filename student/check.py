@@ -59,12 +59,27 @@ class _Pair:
     batch: object | None
     seq: int
     memory_batch: int
+    configs: dict  # stage -> the TrainConfig to check it with (`student check --config`); others: the defaults
+
+    def config(self, number: int):
+        """The settings stage `number` is checked with: the given ones, or the defaults `student train` would use."""
+        from student.config import TrainConfig
+
+        return self.configs.get(number) or TrainConfig(cache=str(self.reader.root), student=str(self.vlm.path),
+                                                       out="check", stage=number, method=self.method.name)
+
+    def loss(self, number: int):
+        """The loss settings of stage `number` (also the SFT stage 3 that follows a method without one)."""
+        from student.config import LossConfig
+
+        return self.configs[number].loss if number in self.configs else LossConfig()
 
 
 def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memory_batch: int = 8,
-               method: str = DEFAULT_METHOD) -> CheckReport:
+               method: str = DEFAULT_METHOD, configs: dict | None = None) -> CheckReport:
     """Everything above, for `stages` (default: all of `method`'s) of `student` against `cache`; problems are
-    collected, not raised."""
+    collected, not raised. `configs`: stage -> TrainConfig whose settings (loss, Recalibrator, verbalizers) that
+    stage is checked with (a recipe's); a stage without one gets the defaults."""
     from pipeline.store.reader import CacheReader
     from pipeline.vlm.models import load_vlm
     from pipeline.vlm.parts import describe, vlm_parts
@@ -112,7 +127,7 @@ def check_pair(student: str, cache: str, stages=None, batch_size: int = 4, memor
     batch = _one_batch(reader, vlm, batch_size, report, layers=layers)
     head = _head(reader, cache, report) if any(st.teacher_head for st in chosen.values()) else None
     seq = int(batch.inputs["input_ids"].shape[1]) if batch is not None else 0
-    pair = _Pair(vlm, parts, reader, method_named(method), head, batch, seq, memory_batch)
+    pair = _Pair(vlm, parts, reader, method_named(method), head, batch, seq, memory_batch, configs or {})
     for number, stage in chosen.items():
         _check_stage(pair, number, stage, report)
     return report
@@ -215,14 +230,10 @@ def _check_stage(pair: _Pair, number: int, stage: Stage, report: CheckReport) ->
 def _beside(pair: _Pair, number: int, stage: Stage, report: CheckReport):
     """What the stage trains beside the student, new, as `student train` builds it (the Recalibrator, both sides'
     verbalizers at their default layers; a `Beside`), None, or False when it cannot be built (reported)."""
-    from student.config import TrainConfig
-
     if stage.build is None:
         return None
-    cfg = TrainConfig(cache=str(pair.reader.root), student=str(pair.vlm.path), out="check", stage=number,
-                      method=pair.method.name)
     try:
-        beside = stage.build(cfg, None, pair.vlm, pair.reader.manifest, "cpu")
+        beside = stage.build(pair.config(number), None, pair.vlm, pair.reader.manifest, "cpu")
     except ValueError as err:  # e.g. a student with no intermediate layer, or no block to copy
         report.problems.append(f"stage {number}: cannot build the {stage.beside}: {err}")
         return False
@@ -231,9 +242,7 @@ def _beside(pair: _Pair, number: int, stage: Stage, report: CheckReport):
 
 
 def _stage_loss(pair: _Pair, number: int, stage: Stage, beside) -> torch.Tensor:
-    """The stage's declared loss on the batch, as a training step computes it (default loss settings)."""
-    from student.config import LossConfig
-
-    parts = StepParts(pair.vlm.model, beside.module if beside else None, pair.head, LossConfig(), number,
+    """The stage's declared loss on the batch, as a training step computes it (the stage's loss settings)."""
+    parts = StepParts(pair.vlm.model, beside.module if beside else None, pair.head, pair.loss(number), number,
                       vocab=len(pair.vlm.tokenizer))
     return stage.loss(parts, pair.batch, False)["total"]

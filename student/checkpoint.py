@@ -9,6 +9,7 @@ Recalibrator's weights.
     OUT/stage{N}/student_verbalizers/ student/vlsi.py), the teacher's reusable by later runs
     OUT/stage{N}/trainer_state/       optimizer, scheduler position, RNG, data order (for --resume)
     OUT/stage{N}/train_config.json    the resolved configuration
+    OUT/stage{N}/config.yaml          the same as a config file: `student train --config` it to rerun the stage
     OUT/stage{N}/metrics.jsonl        one line per optimizer step
 """
 
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import __version__
+from pipeline.config_file import config_yaml
 from pipeline.run_metrics import METRICS_FILE
 from pipeline.vlm.processors import save_processor
 from student import distributed
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # annotations only: config.py imports student/methods.py, whi
 RECALIBRATOR_DIR = "recalibrator"
 STATE_DIR = "trainer_state"
 CONFIG_FILE = "train_config.json"
+CONFIG_YAML = "config.yaml"
 FINISHED_FILE = "trainer_state/finished.json"
 RECALIBRATOR_WEIGHTS = "model.safetensors"
 
@@ -104,6 +108,7 @@ def _write_checkpoint(cfg, vlm, model_state, optim_state, schedule, step, identi
     torch.save({"optimizer": optim_state, "scheduler": schedule.state_dict(), "step": step,
                 "cache_identity": identity, "fsdp": cfg.fsdp}, tmp / STATE_DIR / "state.pt")
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    (tmp / CONFIG_YAML).write_text(config_file_text(cfg))
     if (out / METRICS_FILE).exists():
         shutil.copy2(out / METRICS_FILE, tmp / METRICS_FILE)
     old = out.with_name(f".{out.name}.old")
@@ -111,6 +116,15 @@ def _write_checkpoint(cfg, vlm, model_state, optim_state, schedule, step, identi
         os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def config_file_text(cfg: TrainConfig) -> str:
+    """The stage's resolved settings as a `--config` file: every field (defaults too), so it says what ran."""
+    header = (f"student train --stage {cfg.stage}: the resolved settings of {stage_dir(cfg)} (genrecal {__version__}).\n"
+              f"Rerun it with: student train --config {stage_dir(cfg) / CONFIG_YAML} (flags given there override it)")
+    if cfg.sample_ids is not None:  # set from Python only; a file cannot carry it
+        header += f"\nTrained on {len(cfg.sample_ids)} listed cache samples (sample_ids), which this file leaves out."
+    return config_yaml(cfg, header, skip=frozenset({"sample_ids"}))
 
 
 def load_resume_state(out: Path, cfg: TrainConfig, identity: str) -> dict | None:

@@ -4,6 +4,7 @@
     student train --cache cache/ --student llava-folder --out runs/a --stage 2 --steps 500
     student train --cache cache/ --student llava-folder --out runs/a --stage 3 --steps 500
     student train ... --resume        # continue a stopped stage from its last checkpoint
+    student train --config recipes/genrecal-qwen2-vl-72b-to-2b.yaml --stage 1 [--steps 10 ...]  # a recipe + overrides
     student eval --model runs/a/stage3 --data easy-vqa:test [--limit 200]   # -> runs/a/stage3/eval/*.json
     student check --student llava-folder --cache cache/ [--method vlsi] [--stage 2]   # will this pair train? (CPU, seconds)
 """
@@ -15,8 +16,11 @@ import sys
 import click
 
 from pipeline import __version__
-from student.cli_options import config_options, train_config_from_options
-from student.methods import DEFAULT_METHOD, METHODS, stages_help
+from pipeline.config_cli import GIVEN, config_file_option, loaded_config, with_stage_block
+from student.cli_options import (CHOICES, CONFIG_HELP, LIBRARY_ONLY, config_options, stage_configs,
+                                 train_config_from_options)
+from student.config import TrainConfig
+from student.methods import DEFAULT_METHOD, METHODS, method_named, stages_help
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,17 +30,20 @@ def main() -> None:
 
 
 @main.command("train")
+@config_file_option(TrainConfig, CONFIG_HELP, skip=LIBRARY_ONLY, choices=CHOICES)
 @config_options
 @click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def train_command(resume, progress, **options):
+@click.pass_context
+def train_command(ctx, resume, progress, **options):
     """Train one GenRecal stage against a teacher cache (or, stage 3, plain SFT on a data source).
 
-    Every option but --resume and --progress is a field of student.config.TrainConfig (or its LossConfig)."""
+    Every option but --config, --resume and --progress is a field of student.config.TrainConfig (or its
+    LossConfig). Recipes to start from: recipes/ (student train --config recipes/<recipe>.yaml --stage 1)."""
     from student.train import train_stage
 
     try:
-        cfg = train_config_from_options(options)
+        cfg = train_config_from_options(with_stage_block(ctx, options))
         metrics = train_stage(cfg, resume=resume, progress=progress)
     except (FileNotFoundError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
@@ -79,6 +86,10 @@ def eval_command(**options):
 
 
 @main.command("check")
+@config_file_option(TrainConfig, "A `student train` config file or recipe (recipes/): its student, cache and method, "
+                    "and its settings per stage (loss, Recalibrator layout and depth, verbalizer layers); --student, "
+                    "--cache and --method given here override it (e.g. a tiny stand-in pair).",
+                    skip=LIBRARY_ONLY, choices=CHOICES, only=frozenset({"student", "cache", "method"}))
 @click.option("--student", required=True, help="Student model folder, alias or hub id.")
 @click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
 @click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT_METHOD, show_default=True,
@@ -89,12 +100,22 @@ def eval_command(**options):
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Samples in the test batch.")
 @click.option("--memory-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Batch size the memory estimate is for.")
-def check_command(student, cache, method, stage, batch_size, memory_batch):
+@click.pass_context
+def check_command(ctx, student, cache, method, stage, batch_size, memory_batch):
     """One batch, one forward+backward of each stage on CPU: exit 0 when the pair can train, 2 with the reasons."""
     from student.check import check_pair
 
+    configs = None
+    loaded = loaded_config(ctx)
+    if loaded is not None:  # the file's settings of each checked stage, on the pair given here
+        given = {"method": method} if ctx.get_parameter_source("method") in GIVEN else {}
+        try:
+            configs = stage_configs(loaded, stage or method_named(method).checked_stages(), student=student,
+                                    cache=cache, **given)
+        except ValueError as err:
+            raise click.UsageError(f"{loaded.path}: {err}") from None
     report = check_pair(student, cache, stages=stage or None, batch_size=batch_size, memory_batch=memory_batch,
-                        method=method)
+                        method=method, configs=configs)
     click.echo(report.text())
     sys.exit(0 if report.ok else 2)
 

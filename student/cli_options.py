@@ -4,8 +4,7 @@ Every option's flag, type, choices, default and help come from its field (name, 
 docstring), so a setting is defined once, in student/config.py:
 
     field `batch_size: int = 8` + docstring  ->  --batch-size INTEGER  "<docstring>  [default: 8]"
-    `x: bool = False`                        ->  --x            (a flag that sets it)
-    `x: bool = True`                         ->  --no-x         (a flag that clears it)
+    `x: bool = False`                        ->  --x / --no-x   (either way, so a flag can undo a --config file)
     `x: Literal["a", "b"]`                   ->  --x [a|b]
     `method`                                 ->  --method [genrecal|...]: the methods student/methods.py declares,
                                                  each one's line before the field's docstring
@@ -22,13 +21,16 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import click
 
+from pipeline.config_file import ConfigFile, from_nested, merge
 from schemas.dataclass_io import field_docs
 from student.config import LossConfig, TrainConfig
 from student.layouts import LAYOUTS, layouts_help
-from student.methods import METHODS, methods_help
+from student.methods import DEFAULT_METHOD, METHODS, method_named, methods_help
 
-# fields set from code only (tests, benches), or nested
-NOT_OPTIONS = {"loss", "sample_ids"}
+# fields set from code only (tests, benches): no option and no --config key
+LIBRARY_ONLY = frozenset({"sample_ids"})
+# ... and the nested LossConfig, whose fields are options of their own
+NOT_OPTIONS = {"loss", *LIBRARY_ONLY}
 # where click can check more than the annotation says
 CLICK_TYPES = {
     "cache": click.Path(exists=True, file_okay=False),
@@ -39,6 +41,8 @@ CLICK_TYPES = {
 }
 # help that comes from elsewhere than the field's docstring, put before it
 HELP_BEFORE = {"method": methods_help(), "layout": layouts_help()}
+# allowed values of str fields whose annotation does not list them, for checking --config files
+CHOICES = {name: kind.choices for name, kind in CLICK_TYPES.items() if isinstance(kind, click.Choice)}
 SCALARS = {int: click.INT, float: click.FLOAT, str: click.STRING}
 
 
@@ -49,10 +53,8 @@ def _option(name: str, annotation, default, doc: str) -> tuple[list[str], dict]:
     optional = get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
     if optional:
         (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
-    if annotation is bool:
-        if default is True:  # the flag turns it off; the config field keeps the positive name
-            return [f"--no-{flag}", f"no_{name}"], {"is_flag": True, "help": f"Turn off (on by default): {doc}"}
-        return [f"--{flag}", name], {"is_flag": True, "help": doc}
+    if annotation is bool:  # both ways, so the command line can undo what a --config file set
+        return [f"--{flag}/--no-{flag}", name], {"default": default, "show_default": True, "help": doc}
     if name in CLICK_TYPES:
         kind = CLICK_TYPES[name]
     elif get_origin(annotation) is Literal:
@@ -61,10 +63,10 @@ def _option(name: str, annotation, default, doc: str) -> tuple[list[str], dict]:
         kind = SCALARS[annotation]
     else:
         raise TypeError(f"config field {name}: no CLI option for type {annotation!r}; add it to NOT_OPTIONS")
-    required = default is dataclasses.MISSING and not optional
-    default = None if default is dataclasses.MISSING else default
-    return [f"--{flag}", name], {"type": kind, "required": required, "default": default,
-                                 "show_default": default is not None, "help": doc}
+    attrs = {"type": kind, "help": doc}
+    if default is dataclasses.MISSING:  # no default at all: click 8.3+ takes an explicit default=None as a value
+        return [f"--{flag}", name], {**attrs, "required": not optional}
+    return [f"--{flag}", name], {**attrs, "default": default, "show_default": default is not None}
 
 
 def _options_of(cls) -> list[tuple[list[str], dict]]:
@@ -81,16 +83,27 @@ def config_options(command):
 
 
 def _fields_from(cls, options: dict) -> dict:
-    """The keyword arguments of `cls` in the parsed `options` (negated flags turned back into the field)."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f"no_{f.name}" in options:
-            kwargs[f.name] = not options[f"no_{f.name}"]
-        elif f.name in options:
-            kwargs[f.name] = options[f.name]
-    return kwargs
+    """The keyword arguments of `cls` in the parsed `options`."""
+    return {f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options}
 
 
 def train_config_from_options(options: dict) -> TrainConfig:
     """TrainConfig of the parsed `student train` options (those config_options added)."""
     return TrainConfig(loss=LossConfig(**_fields_from(LossConfig, options)), **_fields_from(TrainConfig, options))
+
+
+CONFIG_HELP = ("A YAML file of these options, keys as the fields of student/config.py nest (loss: {kl_weight: 2.0}); "
+               "a flag given here overrides the file, and its stages: block for --stage overrides its top level. "
+               "Ready-made recipes (the paper's pairs, VLsI, KD, their dumps, multi-node launches) are in recipes/ "
+               "of the repository; OUT/stageN/config.yaml, saved by every run, reruns that stage.")
+
+
+def stage_configs(loaded: ConfigFile, stages, **given) -> dict[int, TrainConfig]:
+    """`student check --config`: the TrainConfig of each of `stages` that the file's method trains or the file has a
+    block for (the file's settings for that stage, `given` laid over them: the pair to check it on)."""
+    out = {}
+    for stage in stages:
+        settings = merge(loaded.settings(stage), {**given, "stage": stage})
+        if stage in method_named(settings.get("method", DEFAULT_METHOD)).stages or stage in loaded.stages:
+            out[stage] = from_nested(TrainConfig, {"out": "check", **settings})
+    return out

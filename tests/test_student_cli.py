@@ -23,9 +23,9 @@ def test_every_config_field_is_an_option_with_its_docstring_and_default(cls):
         if f.name in NOT_OPTIONS:
             assert f.name not in params
             continue
-        param = params[f"no_{f.name}" if f.default is True else f.name]
+        param = params[f.name]
         assert docs[f.name] and param.help.endswith(docs[f.name]), f.name
-        if not param.is_flag and f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING:
             assert param.default == f.default, f.name
 
 
