@@ -26,7 +26,10 @@ from student.methods import DEFAULT_METHOD, METHODS, method_named, stages_help
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="genrecal")
 def main() -> None:
-    """Train small VLMs against a teacher cache (GenRecal)."""
+    """Train small VLMs against a teacher cache (GenRecal).
+
+    Ready-made config files for the paper's pairs, VLsI and KD are in recipes/ of the repository:
+    student train --config recipes/genrecal-qwen2-vl-72b-to-2b.yaml --stage 1"""
 
 
 @main.command("train")

@@ -168,3 +168,12 @@ stages:
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_help_says_where_the_recipes_live():
+    for cli, args in ((main, ["--help"]), (main, ["train", "--help"]), (main, ["check", "--help"]),
+                      (pipeline_main, ["dump-teacher", "--help"])):
+        flat = " ".join(CliRunner().invoke(cli, args).output.split())
+        assert "recipes/" in flat, args
+    train = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert "--config FILE" in train and "OUT/stageN/config.yaml" in train and "--fsdp / --no-fsdp" in train
