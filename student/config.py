@@ -124,6 +124,9 @@ class TrainConfig:
     frozen). Stage 1 trains the Recalibrator only, so there it changes nothing."""
     tensorboard: bool = False
     """Also write the metrics to OUT/tensorboard/stage{N} (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log the metrics and these settings to Weights & Biases (needs the wandb package): project WANDB_PROJECT
+    (default genrecal), run OUT's name/stage{N}, files under OUT/wandb/stage{N}; WANDB_MODE=offline needs no network."""
     student_layers: str | None = None
     """--method vlsi: the student layers that get verbalizers, comma-separated hidden_states indices (1 .. the
     student's depth - 1, increasing; e.g. 4,8,12). Default: evenly spaced over the student's depth, as many as

@@ -213,7 +213,8 @@ def _lr_factor(cfg: TrainConfig, step: int) -> float:
 def _loop(training: Training, rank: int, progress: bool, stop_after: int | None) -> list[dict]:
     """student/loop.py's steps, logged to the stage's metrics.jsonl by rank 0."""
     cfg = training.cfg
-    log = MetricsLog(training.out, tensorboard=cfg.tensorboard, resume_step=training.step) if rank == 0 else None
+    log = MetricsLog(training.out, tensorboard=cfg.tensorboard, resume_step=training.step,
+                     wandb=cfg.to_dict() if cfg.wandb else None) if rank == 0 else None
     try:
         return run_loop(training, log, progress and rank == 0, stop_after)
     finally:
