@@ -240,9 +240,10 @@ def make_loader(data, cfg, first: int, rank: int = 0, world: int = 1):
         data.block_reads = reads == "block"
         data.reader.max_block_shards = window  # a worker holds one shuffle window of whole shards
     order = batch_order(data, cfg, world)[first:][rank::world]
+    start = data.reader.worker_start_method if isinstance(data, CacheStudentData) and cfg.num_workers else None
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=order, collate_fn=data.collate, num_workers=cfg.num_workers,
-        prefetch_factor=4 if cfg.num_workers else None,
+        prefetch_factor=4 if cfg.num_workers else None, multiprocessing_context=start,
     )
     return iter(loader)
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from schemas import LOCKS_DIR, SHARDS_DIR, TMP_PREFIX
-from pipeline.store.backend import Storage, StorageError, WriterLock
+from pipeline.store.storage import Storage, StorageError, WriterLock
 from pipeline.store.fsutil import create_exclusive, fsync_dir, fsync_tree, sha256_file, write_atomic
 
 

@@ -23,7 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from schemas import COMMIT_SUFFIX, COMMITS_DIR, INDEX_FILE, SHARDS_DIR
-from pipeline.store.backend import Storage, WriterLock
+from pipeline.store.storage import Storage, WriterLock
 from pipeline.store.object_errors import ObjectErrors
 
 UPLOAD_THREADS = 8

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from pipeline.store.backend import StorageError
+from pipeline.store.storage import StorageError
 
 # what the server or the client said -> what the user should do
 HINTS = (

@@ -17,7 +17,7 @@ import threading
 import time
 
 from schemas import LOCKS_DIR
-from pipeline.store.backend import WriterLock
+from pipeline.store.storage import WriterLock
 
 LEASE_S = 60.0
 

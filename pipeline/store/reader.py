@@ -20,6 +20,7 @@ per process, so it pickles into DataLoader workers.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -154,6 +155,7 @@ class CacheReader:
         self._tables: OrderedDict[str, pa.Table] = OrderedDict()  # sample tables of recently used shards
         self._blocks: OrderedDict[str, RowBlock] = OrderedDict()  # whole shards of get_from_block
         self.shard_reads = 0  # whole-shard reads so far (a shard read again was evicted from the LRU)
+        self._pid = os.getpid()
 
     # -- sizes and ids ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -199,6 +201,7 @@ class CacheReader:
 
     def shard_block(self, name: str) -> RowBlock:
         """Every row of shard `name` in memory (kept in an LRU of `max_block_shards` shards)."""
+        self._own_process()
         if name in self._blocks:
             self._blocks.move_to_end(name)
             return self._blocks[name]
@@ -272,6 +275,7 @@ class CacheReader:
 
     def _arrays(self, name: str):
         """Open zarr arrays of a shard (kept in a small LRU) plus its offsets."""
+        self._own_process()
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
@@ -293,6 +297,7 @@ class CacheReader:
     def sample_meta(self, sample_id: str) -> dict:
         """The sample-table row of one sample, with `messages` parsed from JSON."""
         name, row = self._locations[sample_id]
+        self._own_process()
         if name not in self._tables:
             self._tables[name] = read_table(self.storage, f"{shard_dir(name)}/{SAMPLES_FILE}")
             if len(self._tables) > self.max_open_shards:
@@ -308,6 +313,19 @@ class CacheReader:
     def head_path(self):
         """A local path of the teacher head file (downloaded once from an object store)."""
         return self.storage.local_path(HEAD_FILE)
+
+    @property
+    def worker_start_method(self) -> str | None:
+        """How DataLoader workers over this reader must start: None (the default, fork) for a folder; "forkserver"
+        for an object store, whose client (obstore's tokio runtime) hangs in a forked child once the parent used it."""
+        return None if self.storage.is_local else "forkserver"
+
+    def _own_process(self) -> None:
+        """Drop handles made in another process: a forked DataLoader worker inherits the parent's zarr arrays,
+        whose object-store client (a tokio runtime) does not survive a fork."""
+        if self._pid != os.getpid():
+            self._open, self._tables, self._blocks = OrderedDict(), OrderedDict(), OrderedDict()
+            self._pid = os.getpid()
 
     def __getstate__(self):
         state = self.__dict__.copy()
