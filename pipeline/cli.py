@@ -23,6 +23,7 @@ from pipeline import __version__
 from pipeline.config_cli import config_file_option
 from pipeline.config_options import config_options
 from pipeline.dump_config import DumpConfig, workers_from_env
+from pipeline.storage_cli import CacheLocation, storage_options
 from pipeline.vlm.generation import GenerationSettings
 
 
@@ -67,6 +68,7 @@ DUMP_OPTIONS = dict(
                     "teachers are in recipes/ of the repository.")
 @config_options(DumpConfig, **DUMP_OPTIONS)
 @config_options(GenerationSettings)
+@storage_options
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def dump_teacher_command(progress: bool, num_workers, worker_index, **options):
     """Run the teacher once over --data and write the cache to --out (rerun to resume).
@@ -161,7 +163,8 @@ def demo_command(out: str | None, quick: bool) -> None:
 
 
 @main.command("inspect")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache", type=CacheLocation())
+@storage_options
 @click.option("--rejects", is_flag=True, help="List the rejected samples with their ids and reasons instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect_command(cache: str, rejects: bool, as_json: bool) -> None:
@@ -177,7 +180,8 @@ def inspect_command(cache: str, rejects: bool, as_json: bool) -> None:
 
 
 @main.command("verify")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache", type=CacheLocation())
+@storage_options
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar over shards.")
 def verify_command(cache: str, progress: bool) -> None:
     """Check CACHE's schema, checksums and arrays; exit 1 listing every bad shard."""
@@ -209,9 +213,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the user's input: reported in one line, never with a traceback."""
     from pipeline.vlm.data import DataError
     from pipeline.store.encoding import EncodingBoundError
+    from pipeline.store.storage import StorageError
     from pipeline.vlm.models import ModelLoadError
 
-    return CacheFormatError, CacheMismatchError, DataError, EncodingBoundError, ModelLoadError
+    return CacheFormatError, CacheMismatchError, DataError, EncodingBoundError, ModelLoadError, StorageError
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pipeline.dump_config import (
 )
 from pipeline.feature_pass import FeaturePass, pack_batches
 from pipeline.response_log import ResponseLog, choose_answer, generate_with_vllm, log_answers, too_many_images
+from pipeline.store.backend import open_storage
 from pipeline.store.layout import committed_sample_ids
 from pipeline.store.writer import CacheWriter
 from pipeline.vlm.data import BadSample, DataSample, ImageError
@@ -79,6 +80,7 @@ def dump_teacher(cfg: DumpConfig, progress: bool = True) -> DumpStats:
     start = time.perf_counter()
     stats = DumpStats()
     # -- set up
+    open_storage(cfg.out).check_access(write=True)  # a missing bucket or refused credentials: before any model loads
     backend = resolve_backend(cfg.backend) if cfg.responses == "generate" else None
     if cfg.layers and backend == "vllm":  # vLLM answers everything before the teacher loads: check --layers first
         resolve_layers(cfg.layers, teacher_layer_count(cfg))

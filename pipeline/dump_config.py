@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from schemas import (
@@ -314,21 +312,16 @@ def save_teacher_files(out: str, teacher: LoadedTeacher) -> None:
     """Head + token embeddings + config + tokenizer/processor + chat template under teacher/, once per cache
     (atomic)."""
     from pipeline.store.teacher_embeddings import write_teacher_embeddings
+    from pipeline.store.backend import open_storage
     from pipeline.store.teacher_head import write_teacher_head
     from pipeline.vlm.processors import save_processor
 
     write_teacher_head(out, teacher.head.weight, teacher.head.bias)
     write_teacher_embeddings(out, teacher.model)
-    final = Path(out) / TEACHER_HF_DIR
-    if final.exists():
-        return
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{os.urandom(3).hex()}")
-    teacher.model.config.save_pretrained(tmp)
-    save_processor(teacher.processor, tmp)
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another worker saved the same files first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open_storage(out).writing_folder(TEACHER_HF_DIR) as tmp:  # renamed or uploaded on exit; None: saved already
+        if tmp is not None:
+            teacher.model.config.save_pretrained(tmp)
+            save_processor(teacher.processor, tmp)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from schemas import RESPONSES_DIR
+from pipeline.store.backend import open_storage, storage_options_env
 from schemas.dataclass_io import from_dict, to_dict
 from pipeline.progress import progress_bar
 from pipeline.vlm.answers import answers_agree
@@ -45,19 +46,27 @@ class GenerationPhaseError(RuntimeError):
 
 
 class ResponseLog:
-    """Reads every worker's log (so a rerun with another worker split finds old answers); appends to its own."""
+    """Reads every worker's log (so a rerun with another worker split finds old answers); appends to its own.
 
-    def __init__(self, cache_dir: str | Path, writer_id: str):
-        self.folder = Path(cache_dir) / RESPONSES_DIR
-        self.path = self.folder / f"{writer_id}.jsonl"
-        self.folder.mkdir(parents=True, exist_ok=True)
+    In a folder the log is responses/<writer>.jsonl, appended and fsynced. An object store has no append, so
+    each append is a new object responses/<writer>/<time>-<random>.jsonl (one per window), read back the same."""
+
+    def __init__(self, cache_dir, writer_id: str):
+        self.storage = open_storage(cache_dir)
+        self.writer_id = writer_id
+        self.folder = f"{self.storage.location}/{RESPONSES_DIR}"  # where the answers are kept (for messages)
+        if self.storage.is_local:
+            self.path = self.storage.root / RESPONSES_DIR / f"{writer_id}.jsonl"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.reload()
 
     def reload(self) -> None:
         """Read every worker's log again (after the vLLM child wrote to it)."""
         self.records: dict[str, dict] = {}
-        for log in sorted(self.folder.glob("*.jsonl")):
-            for line in log.read_text().splitlines():
+        for name in self.storage.list_files(RESPONSES_DIR):
+            if not name.endswith(".jsonl"):
+                continue
+            for line in self.storage.read_bytes(f"{RESPONSES_DIR}/{name}").decode().splitlines():
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
@@ -70,12 +79,20 @@ class ResponseLog:
     def append(self, records: list[dict]) -> None:
         if not records:
             return
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        if self.storage.is_local:
+            self._append_local(lines)
+        else:
+            name = f"{RESPONSES_DIR}/{self.writer_id}/{time.time_ns()}-{os.urandom(3).hex()}.jsonl"
+            self.storage.write_atomic(name, lines.encode())
+        for record in records:
+            self.records[record["sample_id"]] = record
+
+    def _append_local(self, lines: str) -> None:
         with open(self.path, "a") as f:
             if f.tell() and not self.path.read_bytes().endswith(b"\n"):
                 f.write("\n")  # close a line cut short by a crash
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                self.records[record["sample_id"]] = record
+            f.write(lines)
             f.flush()
             os.fsync(f.fileno())
 
@@ -147,7 +164,7 @@ def generate_with_vllm(cfg, samples: list[DataSample], log: ResponseLog, progres
     if all(log.get(s.sample_id) is not None for s in samples):
         return 0.0
     start = time.perf_counter()
-    env = vllm_child_env(os.environ, cfg.tensor_parallel_size)
+    env = {**vllm_child_env(os.environ, cfg.tensor_parallel_size), **storage_options_env()}  # in memory, not on argv
     source_root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     command = [sys.executable, "-c", "from pipeline.response_log import vllm_child_main; vllm_child_main()",

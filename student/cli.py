@@ -17,6 +17,7 @@ import click
 
 from pipeline import __version__
 from pipeline.config_cli import GIVEN, config_file_option, loaded_config, with_stage_block
+from pipeline.storage_cli import CacheLocation, local_cache_options, storage_options
 from student.cli_options import (CHOICES, CONFIG_HELP, LIBRARY_ONLY, config_options, stage_configs,
                                  train_config_from_options)
 from student.config import TrainConfig
@@ -35,6 +36,8 @@ def main() -> None:
 @main.command("train")
 @config_file_option(TrainConfig, CONFIG_HELP, skip=LIBRARY_ONLY, choices=CHOICES)
 @config_options
+@storage_options
+@local_cache_options
 @click.option("--resume", is_flag=True, help="Continue this stage from its last checkpoint.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
@@ -94,7 +97,9 @@ def eval_command(**options):
                     "--cache and --method given here override it (e.g. a tiny stand-in pair).",
                     skip=LIBRARY_ONLY, choices=CHOICES, only=frozenset({"student", "cache", "method"}))
 @click.option("--student", required=True, help="Student model folder, alias or hub id.")
-@click.option("--cache", required=True, type=click.Path(exists=True, file_okay=False), help="Teacher cache folder.")
+@click.option("--cache", required=True, type=CacheLocation(), help="Teacher cache: a folder or an s3://, gs://, az:// URL.")
+@storage_options
+@local_cache_options
 @click.option("--method", type=click.Choice(tuple(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="The `student train --method` to check the pair for (student/methods.py declares each).")
 @click.option("--stage", type=click.IntRange(1, 3), multiple=True,

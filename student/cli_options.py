@@ -22,6 +22,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import click
 
 from pipeline.config_file import ConfigFile, from_nested, merge
+from pipeline.storage_cli import CacheLocation
 from schemas.dataclass_io import field_docs
 from student.config import LossConfig, TrainConfig
 from student.layouts import LAYOUTS, layouts_help
@@ -33,7 +34,7 @@ LIBRARY_ONLY = frozenset({"sample_ids"})
 NOT_OPTIONS = {"loss", *LIBRARY_ONLY}
 # where click can check more than the annotation says
 CLICK_TYPES = {
-    "cache": click.Path(exists=True, file_okay=False),
+    "cache": CacheLocation(),  # a folder, or an object-store URL (s3://, gs://, az://)
     "out": click.Path(file_okay=False),
     "stage": click.IntRange(1, 3),
     "method": click.Choice(tuple(METHODS)),

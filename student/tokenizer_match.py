@@ -11,8 +11,6 @@ is pipeline/dump_config.py's `tokenizer_fingerprint`, the very function the dump
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.dump_config import tokenizer_fingerprint
 from schemas import TEACHER_HF_DIR
 
@@ -89,8 +87,10 @@ def _saved_teacher_tokenizer(cache_dir):
     """The teacher's tokenizer the dump saved under teacher/hf (None when it cannot be read)."""
     from transformers import AutoTokenizer
 
-    folder = Path(cache_dir) / TEACHER_HF_DIR
-    if not folder.is_dir():
+    from pipeline.store.backend import open_storage
+
+    folder = open_storage(cache_dir).local_folder(TEACHER_HF_DIR)  # a bucket's copy is downloaded
+    if not folder.is_dir() or not any(folder.iterdir()):
         return None
     try:
         return AutoTokenizer.from_pretrained(folder)

@@ -17,6 +17,8 @@ Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, GOOG
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from pipeline.store.storage import Storage, StorageError, is_url
@@ -26,16 +28,23 @@ from pipeline.store.storage import Storage, StorageError, is_url
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
           "azure": "azure"}
 
-_process_options: dict[str, str] = {}  # --storage-option values of this process (never written anywhere)
+OPTIONS_ENV = "GENRECAL_STORAGE_OPTIONS"  # how a child process of a dump (the vLLM phase) gets them: its environment
+# --storage-option values of this process (never written anywhere)
+_process_options: dict[str, str] = json.loads(os.environ.get(OPTIONS_ENV) or "{}")
 
 __all__ = ["EXTRAS", "Storage", "StorageError", "is_url", "location_of", "open_storage", "parse_storage_options",
-           "set_storage_options"]
+           "set_storage_options", "storage_options_env"]
 
 
 def set_storage_options(options: dict[str, str]) -> None:
     """Options every later `open_storage` of this process uses (the CLIs' --storage-option)."""
     _process_options.clear()
     _process_options.update(options)
+
+
+def storage_options_env() -> dict[str, str]:
+    """The environment entry that hands this process's options to a child process (empty when there are none)."""
+    return {OPTIONS_ENV: json.dumps(_process_options)} if _process_options else {}
 
 
 def parse_storage_options(pairs) -> dict[str, str]:

@@ -15,13 +15,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
+DEFAULT_LIMIT = 20 << 30
 _dir: Path | None = None
+_limit = DEFAULT_LIMIT  # bytes of whole shards kept (the head and other files keyed by sha256 are not counted)
 
 
 def set_local_cache_dir(folder: str | Path | None) -> None:
     """Where downloads are kept between runs (None: a temporary folder of this process)."""
     global _dir
     _dir = Path(folder) if folder else None
+
+
+def set_local_cache_limit(limit: int | None) -> None:
+    global _limit
+    _limit = DEFAULT_LIMIT if limit is None else int(limit)
 
 
 def local_cache_dir() -> Path:

@@ -50,7 +50,9 @@ class ObjectErrors:
             yield
         except (AlreadyExistsError, PreconditionError):
             raise  # answers of conditional requests: the caller decides
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            if "NoSuchBucket" in str(err):  # S3 answers 404 for a missing bucket too: say which
+                raise StorageError(self.message(action, rel, str(err))) from None
             raise FileNotFoundError(f"{self.where(rel)}: not found") from None
         except BaseError as err:
             raise StorageError(self.message(action, rel, str(err))) from None

@@ -27,6 +27,7 @@ from typing import Callable
 from PIL import Image
 
 from schemas import image_file, parse_image_ref, sha256_ref
+from pipeline.store.backend import is_url, open_storage
 from schemas import path_ref as format_path_ref
 
 
@@ -131,8 +132,15 @@ def cached_image_path(cache_dir: str | os.PathLike, ref: str) -> Path:
 
 def store_image(cache_dir: str | os.PathLike, ref: str, image: Image.Image) -> None:
     """Keep the pixels of an in-memory image in the cache (PNG, lossless), so a student run
-    that has no access to the original data set can still open it. Atomic and idempotent."""
-    if _parse(ref)[0] != "sha256":
+    that has no access to the original data set can still open it. Atomic and idempotent.
+    `cache_dir` may be an object-store URL (the PNG is then one conditional PUT)."""
+    kind, digest = _parse(ref)
+    if kind != "sha256":
+        return
+    if is_url(str(cache_dir)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        open_storage(str(cache_dir)).create_exclusive(image_file(digest), buf.getvalue())
         return
     path = cached_image_path(cache_dir, ref)
     if path.exists():
@@ -150,6 +158,12 @@ def open_image_ref(ref: str, cache_dir: str | os.PathLike | None, image_root: st
         return _load_path(image_root, value)
     if cache_dir is None:
         raise ImageError(f"image {ref} is stored in a cache, but no cache folder was given")
+    if is_url(str(cache_dir)):
+        try:
+            data = open_storage(str(cache_dir)).read_bytes(image_file(value))
+        except FileNotFoundError as err:
+            raise ImageError(f"image file not found: {err}") from None
+        return _decode(io.BytesIO(data), f"{cache_dir}/{image_file(value)}")
     path = cached_image_path(cache_dir, ref)
     return _decode(path, str(path))
 
