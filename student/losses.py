@@ -5,6 +5,9 @@
 
     uld = uld_distance(student_logits, TopKTarget(ids, lp, tail))   # ULD baseline: no teacher head at all
 
+    # GenRecal's step: the weights known, one backward head pass for both terms (per-position weights)
+    total, ce_rows, kl_rows = weighted_head_loss(head, r, targets, teacher, ce_weights, kl_weights)
+
     # VLsI: the teacher's distribution from other features through another head (a constant); CE left out
     _, kl = head_losses(student_head, verbalized, None, HeadTarget(teacher_head, teacher_verbalized), vocab=V)
     _, kl = logit_losses(student_logits, None, TopKTarget(...), temperature)   # plain KD on given logits
@@ -52,9 +55,23 @@ class HeadTarget:
 
     head: object
     features: torch.Tensor
+    rows: torch.Tensor | None = None  # the feature row of each position (None: row t for position t); positions that
+    # read one row (the regularizer's and the main path's of one sample) get its logits from one head pass
 
     def slice(self, s: slice) -> "HeadTarget":
-        return HeadTarget(self.head, self.features[s])
+        if self.rows is None:
+            return HeadTarget(self.head, self.features[s])
+        return HeadTarget(self.head, self.features, self.rows[s])
+
+    def logits(self, vocab: int | None = None) -> torch.Tensor:
+        """The teacher's logits [T, vocab] (no gradient), each distinct feature row through the head once."""
+        with torch.no_grad():
+            if self.rows is None:
+                logits = self.head.logits(self.features)
+            else:
+                distinct, inverse = self.rows.unique(return_inverse=True)
+                logits = self.head.logits(self.features[distinct])[inverse]
+        return logits if vocab is None else logits[:, :vocab]
 
 
 def head_losses(
@@ -108,10 +125,7 @@ def logit_losses(logits: torch.Tensor, targets, teacher: TopKTarget | HeadTarget
     if isinstance(teacher, TopKTarget):
         return ce, topk_tail_kl(student_logprobs, teacher)
     with torch.no_grad():
-        teacher_logits = teacher.head.logits(teacher.features)
-        if vocab is not None:
-            teacher_logits = teacher_logits[:, :vocab]
-        teacher_logprobs = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        teacher_logprobs = torch.log_softmax(teacher.logits(vocab) / temperature, dim=-1)
     return ce, F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="sum")
 
 
@@ -124,13 +138,18 @@ def topk_tail_kl(student_logprobs: torch.Tensor, teacher: TopKTarget) -> torch.T
 
     The stored teacher buckets are renormalised (fp16 log-probs do not sum to exactly 1).
     """
+    return topk_tail_kl_rows(student_logprobs, teacher).sum()
+
+
+def topk_tail_kl_rows(student_logprobs: torch.Tensor, teacher: TopKTarget) -> torch.Tensor:
+    """`topk_tail_kl` of each position [T]."""
     t_buckets = torch.cat([teacher.logprobs.float(), teacher.tail_logmass.float()[:, None]], dim=1)
     t_buckets = t_buckets - torch.logsumexp(t_buckets, dim=1, keepdim=True)
     s_top = student_logprobs.gather(1, teacher.ids.long())
     s_tail = _log1mexp(torch.logsumexp(s_top, dim=1))
     s_buckets = torch.cat([s_top, s_tail[:, None]], dim=1)
     p = t_buckets.exp()
-    return torch.where(p > 0, p * (t_buckets - s_buckets), torch.zeros_like(p)).sum()
+    return torch.where(p > 0, p * (t_buckets - s_buckets), torch.zeros_like(p)).sum(-1)
 
 
 def uld_distance(student_logits: torch.Tensor, teacher: TopKTarget) -> torch.Tensor:
@@ -188,3 +207,109 @@ def _grads(ce: torch.Tensor, kl: torch.Tensor, x: torch.Tensor) -> tuple[torch.T
     g_ce = torch.autograd.grad(ce, x, retain_graph=True)[0] if ce.requires_grad else torch.zeros_like(x)
     g_kl = torch.autograd.grad(kl, x)[0] if kl.requires_grad else torch.zeros_like(x)
     return g_ce, g_kl
+
+
+# -- the weighted loss: both terms' gradients in one backward head pass ----------------------------------------
+
+def weighted_head_loss(head: TeacherHead, r: torch.Tensor, targets: torch.Tensor | None,
+                       teacher: torch.Tensor | TopKTarget | HeadTarget | None, ce_weights: torch.Tensor,
+                       kl_weights: torch.Tensor, chunk_tokens: int = 1024, temperature: float = 1.0,
+                       vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum over positions of ce_weights[t] * CE_t + kl_weights[t] * KL_t, with its gradient into r; CE_t [T] and
+    KL_t [T], detached, for the log): the terms of `head_losses`, weighted per position.
+
+    Why: `head_losses` returns CE and KL apart, so it must keep their gradients apart, one backward pass through
+    the head each. The caller's weights known, one pass carries both: per chunk one forward matmul for r (and one
+    for the teacher's logits, each distinct feature row once, see HeadTarget.rows) and one backward matmul, the
+    logit gradient of the exact teacher distribution written out (softmax minus target) instead of taken through
+    autograd's log-softmax, KL and CE. Per-position weights let several groups of rows (the main path and the
+    regularizer, each a mean over its own rows) share the chunks."""
+    if isinstance(teacher, torch.Tensor):
+        teacher = HeadTarget(head, teacher)
+    total, ce_rows, kl_rows = _WeightedHeadLoss.apply(r, targets, teacher, head, ce_weights, kl_weights, chunk_tokens,
+                                                      temperature, vocab)
+    return total, ce_rows, kl_rows
+
+
+class _WeightedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, targets, teacher, head, ce_weights, kl_weights, chunk_tokens, temperature, vocab):
+        grad = torch.zeros_like(r)
+        ce_rows = r.new_zeros(len(r), dtype=torch.float32)
+        kl_rows = r.new_zeros(len(r), dtype=torch.float32)
+        for start in range(0, len(r), chunk_tokens):
+            s = slice(start, start + chunk_tokens)
+            grad[s], ce_rows[s], kl_rows[s] = _weighted_chunk(
+                head, r[s], None if targets is None else targets[s], _slice(teacher, s), ce_weights[s].float(),
+                kl_weights[s].float(), temperature, vocab)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_rows, kl_rows)
+        total = (ce_weights.float() * ce_rows).sum() + (kl_weights.float() * kl_rows).sum()
+        return total, ce_rows, kl_rows
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None, None, None, None
+
+
+def _weighted_chunk(head, x, targets, teacher, ce_w, kl_w, temperature, vocab):
+    """(d weighted sum / d x, CE per row, KL per row) of one chunk: the head forward, the gradient at the logits,
+    one backward matmul through the head (its scale, soft-cap and bias by autograd)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = head.logits(x)
+        cut = logits if vocab is None else logits[:, :vocab]
+    if isinstance(teacher, TopKTarget):
+        d_logits, ce_rows, kl_rows = _topk_logit_grad(cut.detach(), targets, teacher, ce_w, kl_w, temperature)
+    else:
+        d_logits, ce_rows, kl_rows = _exact_logit_grad(cut.detach(), targets, teacher, ce_w, kl_w, temperature, vocab)
+    grad = torch.autograd.grad(cut, x, grad_outputs=d_logits)[0]
+    return grad, ce_rows, kl_rows
+
+
+@torch.no_grad()
+def _exact_logit_grad(z, targets, teacher: HeadTarget | None, ce_w, kl_w, temperature, vocab):
+    """(gradient at the logits z [T, V], CE [T], KL [T]) of ce_w * CE(z, targets) + kl_w * KL(p || softmax(z / tau)),
+    p = softmax(teacher logits / tau), written out: d CE / dz = softmax(z) - onehot(targets),
+    d KL / dz = (softmax(z / tau) - p) / tau. One softmax serves both terms when tau = 1; [T, V] temporaries are
+    updated in place (on a CPU these passes over 152k columns cost as much as a thin matmul)."""
+    rows = torch.arange(len(z), device=z.device)
+    lse = torch.logsumexp(z, dim=-1)
+    zero = z.new_zeros(len(z))
+    ce_rows = zero if targets is None else lse - z[rows, targets]
+    ce_w = ce_w if targets is not None else torch.zeros_like(ce_w)
+    kl_rows = zero
+    grad = torch.sub(z, lse[:, None]).exp_()  # softmax(z)
+    if teacher is None:
+        grad.mul_(ce_w[:, None])
+    else:
+        t_logits = teacher.logits(vocab)
+        t_logprobs = torch.log_softmax(t_logits if temperature == 1.0 else t_logits / temperature, dim=-1)
+        p = t_logprobs.exp()
+        if temperature == 1.0:
+            # KL = sum p (log p - (z - lse)) = sum p (log p - z) + lse, since p sums to 1
+            kl_rows = torch.sub(t_logprobs, z).mul_(p).sum(-1) + lse
+            grad.mul_((ce_w + kl_w)[:, None])
+        else:
+            zt = z / temperature
+            lse_t = torch.logsumexp(zt, dim=-1)
+            kl_rows = torch.sub(t_logprobs, zt).mul_(p).sum(-1) + lse_t
+            grad.mul_(ce_w[:, None]).add_(zt.sub_(lse_t[:, None]).exp_().mul_((kl_w / temperature)[:, None]))
+        grad.sub_(p.mul_((kl_w / temperature)[:, None]))
+    if targets is not None:
+        grad.index_put_((rows, targets), -ce_w, accumulate=True)
+    return grad, ce_rows, kl_rows
+
+
+def _topk_logit_grad(z, targets, teacher: TopKTarget, ce_w, kl_w, temperature):
+    """`_exact_logit_grad` against the cached top-k + tail (the bucket KL, `topk_tail_kl_rows`), by autograd on
+    the logits alone (no head matmul in it)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        zero = z.new_zeros(len(z))
+        ce_rows = zero if targets is None else F.cross_entropy(z, targets, reduction="none")
+        kl_rows = topk_tail_kl_rows(torch.log_softmax(z / temperature, dim=-1), teacher)
+        weighted = (ce_w * ce_rows).sum() + (kl_w * kl_rows).sum()
+        grad = torch.autograd.grad(weighted, z)[0]
+    return grad, ce_rows.detach(), kl_rows.detach()

@@ -21,7 +21,7 @@ from pipeline.vlm.models import head_logits
 from pipeline.vlm.parts import model_inputs
 from student.batches import StudentBatch
 from student.diagnostics import question_reliance
-from student.losses import TopKTarget, head_losses, logit_losses, uld_distance
+from student.losses import HeadTarget, TopKTarget, logit_losses, uld_distance, weighted_head_loss
 from student.layouts import layout_named, regularizer_segments
 from student.recalibrator import Recalibrator
 
@@ -42,16 +42,13 @@ def genrecal_losses(student, rec: Recalibrator, head: TeacherHead, batch: Studen
     reg_items = [item for item in items if cfg.regularizer and item.teacher_question is not None]
     reg = regularizer_segments(reg_items, layout, rec)
     outputs = rec(main + reg, [len(item.teacher_features) for item in items + reg_items])
-    terms = {}
-    terms["ce"], terms["kl"] = _head_terms(head, outputs[: len(items)], items, cfg)
+    groups = [(outputs[: len(items)], items)] + ([(outputs[len(items) :], reg_items)] if reg_items else [])
+    total, values = head_terms(head, groups, cfg)
+    terms = {"ce": values[0][0], "kl": values[0][1]}  # values for the log; `total` carries the gradient
     if reg_items:
-        terms["reg_ce"], terms["reg_kl"] = _head_terms(head, outputs[len(items) :], reg_items, cfg)
+        terms["reg_ce"], terms["reg_kl"] = values[1]
     if stage == 2:
         terms["student_ce"] = student_ce(logits, batch)
-    total = cfg.ce_weight * terms["ce"] + cfg.kl_weight * terms["kl"]
-    if reg_items:
-        total = total + cfg.ce_weight * terms["reg_ce"] + cfg.kl_weight * terms["reg_kl"]
-    if stage == 2:
         total = total + cfg.student_ce_weight * terms["student_ce"]
     terms["total"] = total
     if measure_reliance:
@@ -187,19 +184,47 @@ def _answer_positions(batch: StudentBatch) -> tuple[list[int], list[int]]:
     return rows, cols
 
 
-def _head_terms(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: LossConfig):
-    with torch.autocast(outputs[0].device.type, enabled=False):  # the head losses run in fp32 under bf16 autocast
-        return _head_terms_fp32(head, outputs, items, cfg)
+def head_terms(head: TeacherHead, groups: list[tuple[list[torch.Tensor], list]], cfg: LossConfig):
+    """(the sum over groups of ce_weight x mean CE + kl_weight x mean KL, with its gradient; each group's (mean CE,
+    mean KL) values, detached, for the log). A group is (Recalibrator outputs, their items): the main path, then
+    the regularizer's. All rows go through the head together (student/losses.py `weighted_head_loss`: one forward
+    and one backward head matmul per chunk for both terms and both groups; a sample in both groups has its teacher
+    logits computed once). The head losses run in fp32 under bf16 autocast."""
+    with torch.autocast(groups[0][0][0].device.type, enabled=False):
+        return _head_terms_fp32(head, groups, cfg)
 
 
-def _head_terms_fp32(head: TeacherHead, outputs: list[torch.Tensor], items, cfg: LossConfig):
-    r = torch.cat(outputs).float()
+def _head_terms_fp32(head: TeacherHead, groups, cfg: LossConfig):
+    r = torch.cat([out for outputs, _ in groups for out in outputs]).float()
+    items = [item for _, group_items in groups for item in group_items]
     targets = torch.cat([item.teacher_targets for item in items]).to(r.device)
+    sizes = [sum(len(out) for out in outputs) for outputs, _ in groups]
+    # each group is a mean over its own rows: a row's weight is the term's weight over its group's row count
+    per_row = torch.cat([torch.full((n,), 1.0 / max(n, 1), device=r.device) for n in sizes])
+    total, ce_rows, kl_rows = weighted_head_loss(head, r, targets, _teacher_of(head, items, r.device, cfg),
+                                                 cfg.ce_weight * per_row, cfg.kl_weight * per_row, cfg.chunk_tokens,
+                                                 cfg.temperature)
+    values = [(ce.sum() / max(n, 1), kl.sum() / max(n, 1))
+              for n, ce, kl in zip(sizes, ce_rows.split(sizes), kl_rows.split(sizes))]
+    return total, values
+
+
+def _teacher_of(head: TeacherHead, items, device, cfg: LossConfig):
+    """The teacher's distribution at every row: the cached top-k, or the head on the cached features, each
+    sample's features once (HeadTarget.rows: the regularizer's rows of a sample read the main path's)."""
     if cfg.teacher_distribution == "topk":
         parts = [item.teacher_topk for item in items]
         if any(p is None for p in parts):
             raise ValueError("teacher_distribution=topk needs a cache with top-k log-probs (it was written with --top-k 0)")
-        teacher = TopKTarget.cat(parts, r.device)
-    else:
-        teacher = torch.cat([item.teacher_features for item in items]).to(r.device)
-    return head_losses(head, r, targets, teacher, cfg.chunk_tokens, cfg.temperature)
+        return TopKTarget.cat(parts, device)
+    first = {}  # id(item) -> its first row in `features`
+    features, rows, start = [], [], 0
+    for item in items:
+        n = len(item.teacher_features)
+        if id(item) not in first:
+            first[id(item)] = start
+            features.append(item.teacher_features)
+            start += n
+        rows.append(torch.arange(first[id(item)], first[id(item)] + n))
+    shared = len(features) < len(items)  # else every row reads its own feature row: no index needed
+    return HeadTarget(head, torch.cat(features).to(device), torch.cat(rows).to(device) if shared else None)
