@@ -99,6 +99,31 @@ def test_the_reader_works_in_dataloader_workers(s3_url, teacher):
     assert dict(loader) == {sid: total for sid, total in (_Sums(reader)[i] for i in range(len(reader)))}
 
 
+def test_block_reads_fetch_whole_shards_once_into_the_bounded_local_cache(s3, s3_url, teacher, tmp_path):
+    from pipeline.store.local_cache import set_local_cache_dir, set_local_cache_limit
+
+    write_cache(s3_url, teacher, IDS)
+    kept = tmp_path / "local"
+    set_local_cache_dir(kept)  # what --cache-dir-local does; a Storage takes it when opened
+    try:
+        reader = CacheReader(s3_url)
+        sid = reader.indexes[reader.shards[1]].sample_ids[0]
+        first = reader.get_from_block(sid)
+        fresh = CacheReader(s3_url)
+        before = s3.requests
+        again = fresh.get_from_block(sid)
+        assert s3.requests == before  # the whole shard came from the local copy: not one request
+        assert np.array_equal(first.features, again.features) and np.array_equal(first.topk_ids, again.topk_ids)
+        set_local_cache_limit(1)  # a bound smaller than one shard keeps only the shard just used
+        small = CacheReader(s3_url)
+        for name in small.shards[:3]:
+            small.shard_block(name)
+        assert [p.name for p in (kept / "shards").glob("*/*")] == [small.shards[2]]
+    finally:
+        set_local_cache_dir(None)
+        set_local_cache_limit(None)
+
+
 def test_a_second_writer_with_the_same_id_is_refused_and_a_dead_ones_lock_taken_over(s3_url):
     manifest = synthetic_manifest()
     with CacheWriter(s3_url, manifest, "w0"):

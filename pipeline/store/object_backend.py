@@ -24,6 +24,7 @@ from pathlib import Path
 
 from schemas import COMMIT_SUFFIX, COMMITS_DIR, INDEX_FILE, SHARDS_DIR
 from pipeline.store.storage import Storage, WriterLock
+from pipeline.store.local_cache import LocalCache, download_once, publish
 from pipeline.store.object_errors import ObjectErrors
 
 UPLOAD_THREADS = 8
@@ -45,6 +46,7 @@ class ObjectStorage(Storage):
         self._pid = None
         self._zarr = None
         self._downloads: dict[str, Path] = {}
+        self.local_cache = LocalCache.current()  # --cache-dir-local as set when opened; travels to workers
 
     def __getstate__(self):  # clients are per process; options travel to DataLoader workers (memory only)
         state = self.__dict__.copy()
@@ -176,9 +178,40 @@ class ObjectStorage(Storage):
             list(pool.map(lambda f: self.upload_file(folder / f, f"{rel}/{f}"), files))
 
     def local_path(self, rel: str, sha256: str | None = None) -> Path:
-        from pipeline.store.local_cache import download_once
-
         return download_once(self, rel, sha256)
+
+    @contextmanager
+    def local_shard(self, name: str, files: list[str]):
+        """A local folder holding `files` of shard `name` (paths relative to it): fetched whole, one GET per
+        object, in parallel; kept in --cache-dir-local when set (a committed shard never changes), else removed
+        after use."""
+        kept = self.local_cache.shard_folder(self.location, name)
+        if kept is not None and all((kept / f).is_file() for f in files):
+            self.local_cache.touch(kept)
+            yield kept
+            return
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=kept.parent if kept is not None else None))
+        try:
+            self._download_tree(f"{SHARDS_DIR}/{name}", files, tmp)
+            if kept is None:
+                yield tmp
+                return
+            shutil.rmtree(kept, ignore_errors=True)  # a copy made for fewer arrays (read_layers=False)
+            publish(tmp, kept)
+            self.local_cache.evict(keep=kept)
+            yield kept
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download_tree(self, rel: str, files: list[str], folder: Path) -> None:
+        def fetch(name: str) -> None:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(self.read_bytes(f"{rel}/{name}"))
+
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:  # the GETs overlap: a shard costs about one round trip
+            list(pool.map(fetch, files))
 
     def local_folder(self, rel: str) -> Path:
         if rel not in self._downloads:

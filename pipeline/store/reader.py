@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas import (
+    ARRAYS_DIR,
     HEAD_FILE,
     REJECT_COLUMNS,
     REJECTS_FILE,
@@ -212,7 +213,13 @@ class CacheReader:
         return block
 
     def _read_whole_shard(self, name: str) -> RowBlock:
-        arrays = read_whole_arrays(self.storage, shard_dir(name), self._skipped)
+        if self.storage.is_local:
+            arrays = read_whole_arrays(self.storage, shard_dir(name), self._skipped)
+        else:  # the shard's objects fetched whole and in parallel, then read like a folder
+            skipped = tuple(f"{ARRAYS_DIR}/{a}/" for a in self._skipped)
+            files = [f for f in self.indexes[name].files if f.startswith(f"{ARRAYS_DIR}/") and not f.startswith(skipped)]
+            with self.storage.local_shard(name, files) as folder:
+                arrays = read_whole_arrays(open_storage(folder.parent), folder.name, self._skipped)
         self.shard_reads += 1
         offsets, qoffsets = arrays["offsets"].astype(np.int64), arrays["question_offsets"].astype(np.int64)
         rows = len(self.indexes[name].sample_ids)
