@@ -120,8 +120,9 @@ def _write_checkpoint(cfg, vlm, model_state, optim_state, schedule, step, identi
 
 def config_file_text(cfg: TrainConfig) -> str:
     """The stage's resolved settings as a `--config` file: every field (defaults too), so it says what ran."""
-    header = (f"student train --stage {cfg.stage}: the resolved settings of {stage_dir(cfg)} (genrecal {__version__}).\n"
-              f"Rerun it with: student train --config {stage_dir(cfg) / CONFIG_YAML} (flags given there override it)")
+    header = (f"student train --stage {cfg.stage}: the resolved settings of {stage_dir(cfg)} "
+              f"(genrecal {__version__}).\nRerun it with: student train --config {stage_dir(cfg) / CONFIG_YAML} "
+              "(flags given there override it)")
     if cfg.sample_ids is not None:  # set from Python only; a file cannot carry it
         header += f"\nTrained on {len(cfg.sample_ids)} listed cache samples (sample_ids), which this file leaves out."
     return config_yaml(cfg, header, skip=frozenset({"sample_ids"}))

@@ -97,7 +97,8 @@ def _wandb_run(stage: Path, config: dict, resume_step: int):
     try:
         import wandb
     except ImportError:
-        raise ValueError("--wandb needs the wandb package: pip install wandb (or pip install 'genrecal[wandb]')") from None
+        raise ValueError("--wandb needs the wandb package: pip install wandb (or pip install 'genrecal[wandb]')"
+                         ) from None
     root = stage.parent / WANDB_DIR / stage.name
     root.mkdir(parents=True, exist_ok=True)
     id_file = root / WANDB_RUN_ID

@@ -77,7 +77,8 @@ def test_the_command_line_fills_what_the_file_leaves_out_and_required_options_co
     ("loss: {teacher_distribution: top}\n", 1, "loss.teacher_distribution: expected one of exact, topk, got 'top'"),
     ("sample_ids: [a]\n", 1, "sample_ids cannot be set from a config file"),
     ("stages:\n  2: {stage: 3}\n", 2, "stages.2.stage: a stage block cannot set the stage"),
-    ("stages:\n  2: {lr_ned: 1e-5}\n", 2, "stages.2.lr_ned: unknown key 'lr_ned' for TrainConfig; did you mean lr_end?"),
+    ("stages:\n  2: {lr_ned: 1e-5}\n", 2,
+     "stages.2.lr_ned: unknown key 'lr_ned' for TrainConfig; did you mean lr_end?"),
 ])
 def test_a_bad_key_or_value_names_its_place_line_and_the_nearest_name(tmp_path, text, line, message):
     path = write(tmp_path / "bad.yaml", text)

@@ -125,7 +125,8 @@ def tiny_caches(tmp_path_factory, same_teacher_dir):  # noqa: F811 - a fixture
 
 
 @pytest.mark.parametrize("name", TRAINING)
-def test_student_check_runs_the_recipe_on_a_tiny_stand_in_pair(name, tiny_caches, pair_student, same_student):  # noqa: F811
+def test_student_check_runs_the_recipe_on_a_tiny_stand_in_pair(name, tiny_caches, pair_student,
+                                                               same_student):  # noqa: F811 - a fixture
     loaded = read(name)
     shared = any(stage_of(cfg).shared_tokenizer for cfg in stage_configs(loaded).values())
     student = same_student if shared else pair_student  # the tiny teacher's tokenizer, or another family's
