@@ -52,19 +52,29 @@ class LatencyMotoServer(ThreadedMotoServer):
         return f"http://{host}:{port}"
 
     def env(self, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
-            "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "AWS_ALLOW_HTTP": "true",
-            "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true",
-            "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
-        }
+        return client_env(self.endpoint, access_key, secret_key)
 
     def create_bucket(self, name: str) -> None:
-        """S3's CreateBucket (a PUT on the bucket's URL): obstore has none, and moto takes it unsigned unless its
-        IAM authentication is on. No proxy: the request goes to 127.0.0.1 only."""
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")) as reply:
-            reply.read()
+        create_bucket(self.endpoint, name)
+
+
+def client_env(endpoint: str, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY) -> dict[str, str]:
+    """What points the clients at `endpoint`: credentials set (so none is looked up elsewhere), the
+    instance-metadata endpoint on 127.0.0.1, no proxy."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "AWS_ALLOW_HTTP": "true",
+        "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9", "AWS_EC2_METADATA_DISABLED": "true",
+        "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+    }
+
+
+def create_bucket(endpoint: str, name: str) -> None:
+    """S3's CreateBucket (a PUT on the bucket's URL): obstore has none, and moto takes it unsigned unless its
+    IAM authentication is on. No proxy: the request goes to the endpoint (127.0.0.1) only."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(f"{endpoint}/{name}", method="PUT")) as reply:
+        reply.read()
 
 
 @contextmanager
@@ -76,3 +86,23 @@ def s3_server(latency_s: float = 0.0):
         yield server
     finally:
         server.stop()
+
+
+def main(argv: list[str]) -> None:
+    """python tests/s3_server.py [LATENCY_S]: serve until killed (a process of its own, for benches), printing
+    the endpoint on the first line."""
+    import sys
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = LatencyMotoServer(float(argv[0]) if argv else 0.0)
+    server.start()
+    print(server.endpoint, flush=True)
+    sys.stdout.close()
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -212,6 +212,29 @@ def test_a_missing_bucket_and_refused_credentials_are_clear_errors(s3, s3_url):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(err.value)
 
 
+def test_a_folder_cache_copied_into_a_bucket_is_committed_there(s3_url, small_cache):
+    from pipeline.store.copy_cache import copy_cache
+
+    root, samples = small_cache
+    names = copy_cache(root, s3_url)
+    assert open_storage(s3_url).committed_shards() == names == CacheReader(root).shards
+    report = verify_cache(s3_url)
+    assert report.ok and not report.warnings, (report.problems, report.warnings)
+    assert_same_contents(CacheReader(s3_url), CacheReader(root))
+
+
+def test_the_response_log_appends_objects_and_reads_every_writers(s3_url):
+    from pipeline.response_log import ResponseLog
+
+    first = ResponseLog(s3_url, "w0")
+    first.append([{"sample_id": "a", "response": "yes"}])
+    first.append([{"sample_id": "b", "error": "too long", "stage": "length"}])
+    ResponseLog(s3_url, "w1").append([{"sample_id": "c", "response": "no"}])
+    again = ResponseLog(s3_url, "w0")  # a rerun (or another worker split) finds every answer
+    assert {k: again.get(k)["sample_id"] for k in "abc"} == {"a": "a", "b": "b", "c": "c"}
+    assert len(open_storage(s3_url).list_files("responses")) == 3  # no append on an object store: one object each
+
+
 @pytest.mark.parametrize("url, extra", [("s3://b/c", "s3"), ("gs://b/c", "gcs"), ("az://b/c", "azure")])
 def test_a_url_without_the_extra_installed_names_the_extra(monkeypatch, url, extra):
     monkeypatch.setitem(sys.modules, "obstore", None)  # import obstore now fails

@@ -30,9 +30,10 @@ from pipeline.store.object_errors import ObjectErrors
 UPLOAD_THREADS = 8
 CLIENT_OPTIONS = {"allow_http", "allow_invalid_certificates", "connect_timeout", "http1_only", "http2_only",
                   "pool_idle_timeout", "pool_max_idle_per_host", "proxy_url", "read_timeout", "timeout", "user_agent"}
-# a wrong endpoint must fail in seconds, not after obstore's default 3 minutes of retries
-RETRY = {"max_retries": 3, "retry_timeout": timedelta(seconds=20),
-         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2), "base": 2}}
+# a wrong endpoint must fail in seconds, not after obstore's default 3 minutes of retries; a busy server or a
+# dropped connection still gets six tries over about six seconds
+RETRY = {"max_retries": 6, "retry_timeout": timedelta(seconds=60),
+         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=4), "base": 2}}
 
 
 class ObjectStorage(Storage):
@@ -40,8 +41,8 @@ class ObjectStorage(Storage):
 
     def __init__(self, url: str, options: dict[str, str]):
         self.location = url.rstrip("/")
-        self._options = options
-        self._errors = ObjectErrors(self.location, options)
+        self._options = {**_s3_environment(), **options} if url.lower().startswith(("s3://", "s3a://")) else options
+        self._errors = ObjectErrors(self.location, self._options)
         self._store = None
         self._pid = None
         self._zarr = None
@@ -67,8 +68,7 @@ class ObjectStorage(Storage):
 
         client = {k: v for k, v in self._options.items() if k in CLIENT_OPTIONS}
         config = {k: v for k, v in self._options.items() if k not in CLIENT_OPTIONS}
-        endpoint = config.get("endpoint") or config.get("aws_endpoint") or config.get("endpoint_url") \
-            or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT")
+        endpoint = config.get("endpoint") or config.get("aws_endpoint") or config.get("endpoint_url")
         if endpoint and endpoint.startswith("http://"):
             client.setdefault("allow_http", True)  # the user named a plain-http endpoint (a local server)
         with self._errors.context("connect"):
@@ -320,6 +320,21 @@ class ObjectStorage(Storage):
             probe = f".access-probe-{os.urandom(4).hex()}"
             self.write_atomic(probe, b"")
             self.delete([probe])
+
+
+# environment -> obstore S3 config, read once when a storage is opened: a DataLoader worker started by
+# forkserver has the environment of the moment the fork server started, not the parent's of now
+S3_ENVIRONMENT = {"AWS_ENDPOINT_URL": "endpoint", "AWS_ENDPOINT": "endpoint", "AWS_ACCESS_KEY_ID": "access_key_id",
+                  "AWS_SECRET_ACCESS_KEY": "secret_access_key", "AWS_SESSION_TOKEN": "token",
+                  "AWS_DEFAULT_REGION": "region", "AWS_REGION": "region"}
+
+
+def _s3_environment() -> dict[str, str]:
+    out = {}
+    for name, key in S3_ENVIRONMENT.items():  # later names win: AWS_REGION over AWS_DEFAULT_REGION
+        if os.environ.get(name):
+            out[key] = os.environ[name]
+    return out
 
 
 def commit_object(name: str) -> str:
