@@ -3,6 +3,7 @@
     . .venv/bin/activate
     python bench/train_bench.py                 # ~6 min on 2 cores
     python bench/train_bench.py --reads-only    # part 3 alone, printed (results file untouched)
+    python bench/train_bench.py --s3            # stage-2 loader wait from a bucket (moto, +0/30 ms): train_bench_s3.md
 
 1. Step time: a stage-2 GenRecal step (student forward/backward + Recalibrator + chunked teacher-head
    CE/KL + regularizer) over a plain SFT step (student CE only), same student and batch, side by side.
@@ -22,16 +23,22 @@ Writes bench/results/train_bench.md.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python bench/train_bench.py` puts bench/, not the root, on sys.path (tests.s3_server)
+    sys.path.insert(0, str(REPO_ROOT))
 RESULTS = Path(__file__).parent / "results" / "train_bench.md"
+S3_RESULTS = Path(__file__).parent / "results" / "train_bench_s3.md"
 
 
 def loss_memory(mode: str) -> float:
@@ -221,7 +228,78 @@ def reads_rows(workdir: Path) -> list[str]:
     ]
 
 
+@contextmanager
+def s3_server_process(latency_s: float):
+    """moto's S3 server on 127.0.0.1 in a process of its own (in this one it would share the trainer's GIL),
+    sleeping `latency_s` before every request; yields its endpoint."""
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "s3_server.py"), str(latency_s)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def s3_cache(workdir: Path, samples: int = 400):
+    """The demo pair's cache cut into about ten shards (so that a stage-2 run reads shards as it goes)."""
+    from pipeline.demo.run import build_named
+    from pipeline.dump import dump_teacher
+    from pipeline.dump_config import DumpConfig
+
+    teacher = build_named("demo-teacher", workdir / "demo-teacher")
+    student = build_named("demo-student", workdir / "demo-student")
+    cache = workdir / "s3-cache"
+    dump_teacher(DumpConfig(model=str(teacher), data="easy-vqa:train", out=str(cache), limit=samples, top_k=16,
+                            question_features_fraction=0.25, shard_target_tokens=160), progress=False)
+    return cache, student
+
+
+def s3_rows(workdir: Path) -> list[str]:
+    """Loader-wait share of the demo stage 2 (batch 16, one worker, block reads) from a folder and from a bucket
+    on moto with 0 and 30 ms added per request; and one whole-shard read and one random sample read there."""
+    from pipeline.store.copy_cache import copy_cache
+    from pipeline.store.reader import CacheReader
+    from tests.s3_server import client_env, create_bucket
+
+    cache, student = s3_cache(workdir)
+    shards = len(CacheReader(cache).shards)
+    rows = []
+    for where, latency in (("folder", None), ("moto", 0.0), ("moto + 30 ms", 0.03)):
+        location = str(cache)
+        with s3_server_process(latency or 0.0) as endpoint:
+            if latency is not None:
+                os.environ.update(client_env(endpoint))
+                bucket = f"bench-{int(latency * 1000)}ms"
+                create_bucket(endpoint, bucket)
+                location = f"s3://{bucket}/cache"
+                copy_cache(cache, location)
+            reader = CacheReader(location)
+            t0 = time.perf_counter()
+            reader.shard_block(reader.shards[len(reader.shards) // 2])
+            shard_ms = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            reader.get(reader.sample_ids[-1])
+            sample_ms = (time.perf_counter() - t0) * 1000
+            runs = [stage2_loader_wait(location, student, "block", workdir / f"s3-{where}-{k}") for k in (1, 2)]
+        waits = ", ".join(f"{r['wait']:.3f}" for r in runs)
+        rows.append(f"| {where} | {waits} | {sum(r['tokens_per_s'] for r in runs) / 2:.0f} | {shard_ms:.0f} | "
+                    f"{sample_ms:.1f} |")
+    return [f"Demo stage 2, {shards} shards of the 400-sample cache, batch 16, 1 DataLoader worker (prefetch 4), "
+            "block reads, 24 steps (the first, with the worker's start, left out); two runs each.", "",
+            "| cache | loader-wait share (runs 1, 2) | tokens/s | one whole-shard read ms | one random sample ms |",
+            "|---|---|---|---|---|", *rows]
+
+
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "--s3":
+        lines = ["# Training from a bucket: loader wait with request latency (CPU, 2 cores)", "",
+                 f"Command: `python bench/train_bench.py --s3`; torch {torch.__version__}, moto S3 server on 127.0.0.1 "
+                 "in its own process (latency slept before each request).", "",
+                 *s3_rows(Path(tempfile.mkdtemp(prefix="train-bench-s3-")))]
+        S3_RESULTS.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     if argv and argv[0] == "--loss-memory":
         print(json.dumps({"mib": loss_memory(argv[1])}))
         return
