@@ -319,6 +319,7 @@ def main() -> None:
     parser.add_argument("--setting", action="append", default=[],
                         help="k=v,... overrides of Setting (repeatable: one run of the variants per setting)")
     parser.add_argument("--variants", nargs="+", default=list(CONTROL), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="these seeds only (default: Build.seeds)")
     parser.add_argument("--summary", action="store_true", help="print the summary of WORK/results.jsonl and stop")
     parser.add_argument("--report", metavar="COMMIT", help="write bench/results/quality_scenes.{json,md} and stop")
     args = parser.parse_args()
@@ -334,6 +335,7 @@ def main() -> None:
         print("\n".join(summary(rows)))
         return
     b = SMOKE if args.smoke else Build()
+    b = replace(b, seeds=tuple(args.seeds)) if args.seeds else b
     settings = [Setting(pool=16, updates=4, batch_size=4)] if args.smoke else [Setting()]
     if args.setting:
         settings = [replace(settings[0], **{k: type(getattr(settings[0], k))(v) for k, v in
