@@ -56,6 +56,10 @@ def test_dump_verify_inspect_and_three_stages_from_a_bucket_never_write_the_secr
         assert result.exit_code == 0, out
         assert (run / f"stage{stage}").is_dir()
     assert any(p.name == "head.safetensors" for p in local.rglob("*"))  # the head came down once, by its sha256
+    result, out = _run(student_main, ["check", "--student", str(pair_student.path), "--cache", s3_url, "--stage", "1",
+                                      "--batch-size", "2", *options])
+    outputs.append(out)
+    assert result.exit_code == 0, out
 
     storage = open_storage(s3_url)
     written = {rel: storage.read_bytes(rel) for rel in storage.list_files("")}
@@ -86,9 +90,13 @@ def test_a_missing_bucket_stops_dump_train_and_verify_before_any_model_loads(s3,
     assert result.exit_code == 2 and "bucket does not exist" in out, out
     result, out = _run(pipeline_main, ["verify", missing, "--no-progress"])
     assert result.exit_code == 2 and "bucket does not exist" in out, out
+    result, out = _run(student_main, ["check", "--student", "unused-student", "--cache", missing])
+    assert result.exit_code == 2 and "bucket does not exist" in out, out
     unreachable = ["--storage-option", "endpoint=http://127.0.0.1:9"]  # --storage-option reaches the client
     result, out = _run(pipeline_main, ["inspect", missing, *unreachable])
     assert result.exit_code == 2 and "endpoint cannot be reached" in out, out
+    result, out = _run(pipeline_main, ["inspect", missing, "--storage-option", "no-value"])
+    assert result.exit_code == 2 and "--storage-option takes KEY=VALUE" in out, out
 
 
 def test_refused_credentials_stop_the_dump_before_the_teacher_loads(s3, s3_url, no_model_loads):
