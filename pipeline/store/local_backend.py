@@ -72,9 +72,10 @@ class LocalStorage(Storage):
         tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{os.urandom(3).hex()}")
         try:
             yield tmp
-            os.rename(tmp, final)
-        except OSError:  # another worker published the same folder first
-            pass
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another worker published the same folder first
+                pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
