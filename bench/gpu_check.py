@@ -1,6 +1,7 @@
 """GPU check: the numbers that need a real accelerator, in one run (`bash bench/gpu_check.sh [--cpu]`).
 
-    bash bench/gpu_check.sh                 # GPU mode: ~1.5B-class teacher, ~0.4B-class student, bf16 (~5 min, H200)
+    bash bench/gpu_check.sh                 # GPU mode: ~1.5B-class teacher, ~0.4B-class student, bf16 (~5 min, H200);
+                                            # then bench/scale_bench.py at full depth in bf16 (dump forward MFU)
     bash bench/gpu_check.sh --cpu           # reduced mode: tiny models on the CPU (what tests/test_gpu_check.py runs)
 
 Rows of the one table it prints (and writes as gpu_check.json / gpu_check.md to --out, else $OUT, else

@@ -2,7 +2,7 @@
 # The GPU check in one command: set up .venv if needed, then run bench/gpu_check.py (one table, exit 1 if a
 # check failed). See bench/gpu_check.py for the rows.
 #
-#   bash bench/gpu_check.sh                      # GPU mode (~5 min on one H200)
+#   bash bench/gpu_check.sh                      # GPU mode (~5 min on one H200), then bench/scale_bench.py (~5 min)
 #   bash bench/gpu_check.sh --cpu                # reduced mode, tiny models on the CPU (~1 min on 2 cores)
 #   bash bench/gpu_check.sh --out DIR            # where gpu_check.json / .md go (default $OUT, else bench/results/gpu_check)
 #   bash bench/gpu_check.sh --download-wheels    # on a machine with PyPI: fill $GENRECAL_WHEELS for an offline one
@@ -66,4 +66,35 @@ if ! "$VENV/bin/python" -c "import pipeline, student, zarr, easy_vqa, qwen_token
 fi
 # Everything is built locally: never wait on a hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-exec "$VENV/bin/python" bench/gpu_check.py "$@"
+
+# GPU mode also measures cost at real sizes (bench/scale_bench.py): every method's step at full depth in bf16 and
+# the dump at the 7B class's width, with the dump forward's MFU; into OUT/scale_bench (GPU_CHECK_SCALE=0 skips it).
+# The reduced --cpu mode and --only runs leave it out.
+scale=${GPU_CHECK_SCALE:-1}
+out_dir=${OUT:-bench/results/gpu_check}
+previous=""
+for arg in "$@"; do
+    case $arg in --cpu|--only|--inject-mismatch) scale=0 ;; esac
+    case $arg in --out=*) out_dir=${arg#--out=} ;; esac
+    [ "$previous" = "--out" ] && out_dir=$arg
+    previous=$arg
+done
+status=0
+"$VENV/bin/python" bench/gpu_check.py "$@" || status=$?
+if [ "$scale" = 1 ]; then
+    "$VENV/bin/python" bench/scale_bench.py --device cuda --precision bf16 --layers 24 --scaling-layers 24 \
+        --dump-layers 4 --dump-samples 64 --work "${TMPDIR:-/tmp}/gpu-check-scale" --out "$out_dir/scale_bench" \
+        || status=1
+    "$VENV/bin/python" - "$out_dir/scale_bench/scale_bench.json" <<'PY' || status=1
+import json, sys
+report = json.load(open(sys.argv[1]))
+for run in report.get("dump", {}).get("runs", []):
+    mfu = "-" if run["mfu"] is None else f"{run['mfu']:.1%}"
+    print(f"scale_bench: dump forward ({run['encoding']}) {run['forward_tflops']:.1f} TFLOP/s, MFU {mfu}, "
+          f"outside-forward share {run['outside_forward_share']:.3f}")
+for row in report["rows"]:
+    print(f"scale_bench: {row['method']} {row.get('teacher', '')} q={row.get('question_features_fraction', '-')}: "
+          f"{row['seconds_per_step']:.3f} s/step, {row['ratio_to_sft']:.2f}x SFT")
+PY
+fi
+exit $status

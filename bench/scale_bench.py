@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ def main_cases(with_72b: bool) -> list[Case]:
     if with_72b:
         cases += [genrecal("72b genrecal-stage1", 1, shapes=BF16_72B), genrecal("72b genrecal-stage2", 2, shapes=BF16_72B),
                   genrecal("72b genrecal-stage2 q", 2, True, shapes=BF16_72B)]
-    return cases + [Case("sft (again)", "genrecal", 3)]
+    return cases
 
 
 def scaling_cases() -> list[Case]:
@@ -91,25 +90,16 @@ def run_cases(runner: StepRunner, cases: list[Case]) -> dict[str, dict]:
 def mixed(results: dict, without: str, with_q: str, fraction: float) -> dict:
     """The mean step at a question-feature fraction: (1 - f) x the step without question features + f x with."""
     a, b = results[without], results[with_q]
-    out = {k: (1 - fraction) * a[k] + fraction * b[k] for k in ("seconds", "cpu_seconds", "optimizer_seconds")}
+    keys = ("seconds", "cpu_seconds", "optimizer_seconds", "sft_seconds", "paired_ratio", "paired_cpu_ratio")
+    out = {k: (1 - fraction) * a[k] + fraction * b[k] for k in keys}
     out["peak_mb"] = a["peak_mb"] if fraction == 0 else max(a["peak_mb"], b["peak_mb"])
     return out
-
-
-def sft_reference(results: dict, labels: tuple[str, ...]) -> dict:
-    """SFT's step from every measured SFT step (the first and last case of the run: the machine is shared)."""
-    steps = [t for label in labels if label in results for t in results[label]["steps"]]
-    cpu = [results[label]["cpu_seconds"] for label in labels if label in results]
-    return {"seconds": statistics.median(steps), "cpu_seconds": statistics.mean(cpu),
-            "optimizer_seconds": statistics.mean(results[label]["optimizer_seconds"] for label in labels if label in results),
-            "peak_mb": max(results[label]["peak_mb"] for label in labels if label in results), "steps": steps}
 
 
 def main_rows(results: dict) -> list[dict]:
     """The main table: SFT, GenRecal (stage 2 at each question-feature fraction), the tokens layout, kd, uld, vlsi;
     then the before rows (the head path as it was) and the 72B-class rows."""
-    sft = sft_reference(results, ("sft", "sft (again)"))
-    rows = [dict(label="sft", method="sft", **sft)]
+    rows = [dict(label="sft", method="sft", **results["sft"], paired_ratio=1.0, paired_cpu_ratio=1.0)]
 
     def add(label: str, method: str, result: dict | None, **extra) -> None:
         if result is not None:  # a case left out (--cases) has no row
@@ -133,34 +123,31 @@ def main_rows(results: dict) -> list[dict]:
     add("72b genrecal-stage1", "genrecal-stage1", results.get("72b genrecal-stage1"), teacher="72b",
         question_features_fraction=0.0)
     stage2("72b ", "72b")
-    for row in rows:
-        row["ratio_to_sft"] = row["seconds"] / sft["seconds"]
-        row["cpu_ratio_to_sft"] = row["cpu_seconds"] / sft["cpu_seconds"]
+    for row in rows:  # each case's steps alternate with SFT steps: the ratio of neighbouring steps
+        row["ratio_to_sft"], row["cpu_ratio_to_sft"] = row.pop("paired_ratio"), row.pop("paired_cpu_ratio")
     return rows
 
 
 def scaling_rows(results: dict, sft_full: float | None, base: Shapes) -> list[dict]:
     rows = []
     for answer in (32, 128, 512):
-        sft = results[f"sft a{answer}"]
+        rows.append(_scaling_row("sft", answer, 152064, results[f"sft a{answer}"], None))
         full = None if sft_full is None else sft_full * (base.prompt_tokens + answer) / (base.prompt_tokens + 128)
-        for name, label in (("sft", "sft"), ("kd", "kd"), ("uld", "uld"), ("vlsi-stage2", "vlsi-stage2"),
+        for name, label in (("kd", "kd"), ("uld", "uld"), ("vlsi-stage2", "vlsi-stage2"),
                             ("genrecal-stage2 (q 0)", "genrecal-stage2"), ("genrecal-stage2 (q 1)", "genrecal-stage2 q")):
-            r = results[f"{label} a{answer}"]
-            rows.append(_scaling_row(name, answer, 152064, r, sft, full))
+            rows.append(_scaling_row(name, answer, 152064, results[f"{label} a{answer}"], full))
     for vocab in (32000, 256000):
-        sft = results["sft a128"]
-        full = sft_full
         for name, label in (("genrecal-stage2 (q 0)", "genrecal-stage2"), ("genrecal-stage2 (q 1)", "genrecal-stage2 q")):
-            rows.append(_scaling_row(name, 128, vocab, results[f"{label} v{vocab}"], sft, full))
+            rows.append(_scaling_row(name, 128, vocab, results[f"{label} v{vocab}"], sft_full))
     return rows
 
 
-def _scaling_row(name, answer, vocab, r, sft, sft_full) -> dict:
-    extra = r["seconds"] - sft["seconds"]
+def _scaling_row(name: str, answer: int, vocab: int, r: dict, sft_full: float | None) -> dict:
+    """A scaling row; `extra_seconds`: the step minus the SFT step paired with it (0 for SFT itself)."""
+    extra = r["seconds"] - r.get("sft_seconds", r["seconds"])
     return {"method": name, "answer_tokens": answer, "teacher_vocab": vocab, "seconds": r["seconds"],
-            "extra_seconds": extra, "extra_cpu_seconds": r["cpu_seconds"] - sft["cpu_seconds"],
-            "peak_mb": r["peak_mb"], "ratio_at_depth": r["seconds"] / sft["seconds"],
+            "extra_seconds": extra, "peak_mb": r["peak_mb"], "ratio_at_depth": r.get("paired_ratio", 1.0),
+            "cpu_ratio_at_depth": r.get("paired_cpu_ratio", 1.0),
             "ratio_full_depth_estimate": None if sft_full is None else (sft_full + extra) / sft_full}
 
 
@@ -212,7 +199,7 @@ def main(argv: list[str]) -> None:
     runner = StepRunner(vlm, base, device, bf16, args.steps, args.warmup)
     cases = main_cases(not args.no_72b)
     if args.cases:
-        keep = {"sft", "sft (again)", *args.cases.split(",")}
+        keep = {"sft", *args.cases.split(",")}
         cases = [case for case in cases if case.label in keep]
     results = run_cases(runner, cases)
     rows = main_rows(results)

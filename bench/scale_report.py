@@ -14,25 +14,28 @@ def _f(value, digits: int = 2) -> str:
 
 
 def main_table(rows: list[dict]) -> list[str]:
-    lines = ["| row | s/step | CPU s/step | of which AdamW + clip | peak MiB | ratio to SFT | CPU ratio | measured steps (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | s/step | CPU s/step | of which AdamW + clip | peak MiB | ratio to SFT | CPU ratio to SFT | "
+             "its steps (s) | the SFT steps paired with them (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         steps = ", ".join(f"{t:.1f}" for t in r.get("steps", [])) or "mix of the two rows"
+        sft_steps = ", ".join(f"{t:.1f}" for t in r.get("sft_steps", [])) or "-"
         target = ""
         if r["method"] == "genrecal-stage2" and "head_path" not in r and r.get("teacher") == "7b":
-            target = " (target <= 1.3: " + ("met" if r["ratio_to_sft"] <= STAGE2_TARGET else "MISSED") + ")"
+            met = max(r["ratio_to_sft"], r["cpu_ratio_to_sft"]) <= STAGE2_TARGET
+            target = " (target 1.3: " + ("met" if met else "MISSED") + ")"
         lines.append(f"| {r['label']} | {_f(r['seconds'])} | {_f(r['cpu_seconds'])} | {_f(r['optimizer_seconds'])} | "
-                     f"{_f(r['peak_mb'], 0)} | {_f(r['ratio_to_sft'])}{target} | {_f(r['cpu_ratio_to_sft'])} | {steps} |")
+                     f"{_f(r['peak_mb'], 0)} | {_f(r['ratio_to_sft'])}{target} | {_f(r['cpu_ratio_to_sft'])} | "
+                     f"{steps} | {sft_steps} |")
     return lines
 
 
 def scaling_table(rows: list[dict]) -> list[str]:
-    lines = ["| method | answer tokens | teacher vocab | s/step | extra s over SFT | extra CPU s | peak MiB | "
-             "ratio at this depth | ratio at 24 layers (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | answer tokens | teacher vocab | s/step | extra s over SFT | peak MiB | ratio at this depth | "
+             "CPU ratio at this depth | ratio at 24 layers (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['answer_tokens']} | {r['teacher_vocab']:,} | {_f(r['seconds'])} | "
-                     f"{_f(r['extra_seconds'])} | {_f(r['extra_cpu_seconds'])} | {_f(r['peak_mb'], 0)} | "
-                     f"{_f(r['ratio_at_depth'])} | {_f(r['ratio_full_depth_estimate'])} |")
+                     f"{_f(r['extra_seconds'])} | {_f(r['peak_mb'], 0)} | {_f(r['ratio_at_depth'])} | "
+                     f"{_f(r['cpu_ratio_at_depth'])} | {_f(r['ratio_full_depth_estimate'])} |")
     return lines
 
 
@@ -79,7 +82,9 @@ def write_report(out: Path, header: dict, rows: list[dict], scaling: list[dict],
         "## Every method, one step (student at Qwen2-0.5B's text shape, "
         f"{header['layers']} layers; 1,024 prompt + 128 answer tokens, batch 1)", "",
         f"Median of {header['steps']} steps after {header['warmup']} warm-up. A step: the method's loss "
-        "(student/methods.py), backward, clip, AdamW. `q f`: the question-feature fraction of the dump (the "
+        "(student/methods.py), backward, clip, AdamW. Each step of a method is followed by an SFT step on the same "
+        "batch; the ratios are the median over those pairs (wall and CPU time of this process), so that load from "
+        "other processes on a shared machine falls on both sides alike. `q f`: the question-feature fraction of the dump (the "
         "regularizer runs for those samples); `q 0.05` is 0.95 x the step without + 0.05 x the step with. "
         "`before:` the head path as it was before `weighted_head_loss`, in the same run. Peak: the process's "
         "resident memory during the case (model, optimizer state, teacher head, activations).", "",

@@ -115,11 +115,32 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class _Times:
+    walls: list = field(default_factory=list)
+    cpus: list = field(default_factory=list)
+    updates: list = field(default_factory=list)
+
+    def time(self, step, device: torch.device) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        update = step()
+        _sync(device)
+        self.walls.append(time.perf_counter() - wall)
+        self.cpus.append(time.process_time() - cpu)
+        self.updates.append(update)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepRunner:
     def __init__(self, vlm, base: Shapes, device: torch.device, bf16: bool, steps: int, warmup: int):
         self.vlm, self.base, self.device, self.bf16 = vlm, base, device, bf16
         self.steps, self.warmup = steps, warmup
         self._encoded, self._teacher, self._head = {}, {}, None  # EncodedSample, TeacherSide, (key, TeacherHead)
+        self._optimizer = None  # the student's AdamW, shared by every case (student_optimizer)
 
     def shapes_of(self, case: Case) -> Shapes:
         return self.base.but(**case.shapes)
@@ -153,7 +174,9 @@ class StepRunner:
         release_memory()
 
     def run(self, case: Case) -> dict:
-        """Median wall and CPU seconds of `steps` steps after `warmup`, and the peak memory over all of them."""
+        """Median wall and CPU seconds of `steps` steps after `warmup`, the peak memory over all of them, and (but
+        for SFT itself) the median ratio to an SFT step run right after each of them on the same batch: the machine
+        may be shared, and a ratio of neighbouring steps sees the same load on both sides."""
         shapes = self.shapes_of(case)
         batch = make_batch(self.vlm, self.encoded(shapes), self.teacher(shapes), case.question, self.device)
         if case.method in ("kd", "uld") or case.stage == 3:
@@ -162,22 +185,28 @@ class StepRunner:
         else:
             head = self.head(shapes)
         release_memory()
-        walls, cpus, updates = [], [], []
+        own, sft = _Times(), _Times()
+        paired = case.stage != 3
         with PeakRSS(self.device) as peak, head_path(case.head_path):
-            step, params = self._step_fn(case, shapes, head, batch)
-            for i in range(self.warmup + self.steps):
-                t0, c0 = time.perf_counter(), time.process_time()
-                update = step()
-                if i >= self.warmup:
-                    walls.append(time.perf_counter() - t0)
-                    cpus.append(time.process_time() - c0)
-                    updates.append(update)
-            del step, params
+            step = self._step_fn(case, shapes, head, batch)
+            sft_step = self._step_fn(Case("sft", "genrecal", 3), shapes, None, batch) if paired else None
+            for _ in range(self.warmup):
+                step()
+            for _ in range(self.steps):
+                own.time(step, self.device)
+                if paired:
+                    sft.time(sft_step, self.device)
+            del step, sft_step
         for p in self.vlm.model.parameters():
             p.grad = None
         release_memory()
-        return {"seconds": statistics.median(walls), "cpu_seconds": statistics.median(cpus), "peak_mb": peak.mb,
-                "optimizer_seconds": statistics.median(updates), "steps": walls}
+        out = {"seconds": statistics.median(own.walls), "cpu_seconds": statistics.median(own.cpus),
+               "optimizer_seconds": statistics.median(own.updates), "peak_mb": peak.mb, "steps": own.walls}
+        if paired:
+            out.update(sft_seconds=statistics.median(sft.walls), sft_steps=sft.walls,
+                       paired_ratio=statistics.median(a / b for a, b in zip(own.walls, sft.walls)),
+                       paired_cpu_ratio=statistics.median(a / b for a, b in zip(own.cpus, sft.cpus)))
+        return out
 
     def profile(self, case: Case, rows: int = 20) -> str:
         """torch.profiler's table of one step of `case` (after one unprofiled step), the top `rows` by total time."""
@@ -188,19 +217,28 @@ class StepRunner:
         head = None if case.method in ("kd", "uld") or case.stage == 3 else self.head(shapes)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with head_path(case.head_path):
-            step, params = self._step_fn(case, shapes, head, batch)
+            step = self._step_fn(case, shapes, head, batch)
             step()
             with profile(activities=activities) as prof:
                 step()
-        del step, params
+        del step
         for p in self.vlm.model.parameters():
             p.grad = None
         release_memory()
         key = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
         return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
+    def student_optimizer(self):
+        """One AdamW over the student's trainable parameters for every case (its state is allocated once; a
+        stage-1 step leaves the student's gradients None, which AdamW skips)."""
+        from student.trainable import trainable_student_parameters
+
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(trainable_student_parameters(self.vlm.model, 3), lr=1e-6)
+        return self._optimizer
+
     def _step_fn(self, case: Case, shapes: Shapes, head, batch):
-        """(one training step as a function, the parameters it trains)."""
+        """One training step of `case` as a function returning the seconds its optimizer update took."""
         from student.config import LossConfig
         from student.methods import METHODS, SFT, StepParts
         from student.scale import autocast
@@ -210,23 +248,24 @@ class StepRunner:
         stage = SFT if case.stage == 3 else METHODS[case.method].stages[case.stage]
         loss = LossConfig() if case.layout is None else LossConfig(layout=case.layout)
         beside, beside_params = self._beside(case, shapes, loss)
-        params = trainable_student_parameters(model, case.stage) + beside_params
         parts = StepParts(model, beside, head, loss, case.stage, vocab=len(self.vlm.tokenizer))
-        optimizer = torch.optim.AdamW(params, lr=1e-6)
+        optimizers = [self.student_optimizer()] + ([torch.optim.AdamW(beside_params, lr=1e-6)] if beside_params else [])
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
+        def step() -> float:
+            params = trainable_student_parameters(model, case.stage) + beside_params  # what this stage trains
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             with autocast(self.bf16, self.device):
                 terms = stage.loss(parts, batch, False)
             terms["total"].backward()
             start = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            for optimizer in optimizers:
+                optimizer.step()
+            _sync(self.device)
             return time.perf_counter() - start  # the optimizer's share (the same update for every method)
 
-        return step, params
+        return step
 
     def _beside(self, case: Case, shapes: Shapes, loss):
         """(what trains beside the student, its trainable parameters) for the case's method and stage."""
